@@ -1,0 +1,83 @@
+// Argument checks and layout helpers shared by the CPU and CUDA kernels of the op layer
+// (docs/op_layer.md). Every precondition is a TORCH_CHECK with a message that names the
+// argument, so a bad call raises a Python RuntimeError instead of reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fused_residual {
+
+// Statistics and accumulation dtype: double for double input, float otherwise.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The layout kernels work in: channels_last when the input is channels_last-contiguous and
+// not plain contiguous, otherwise contiguous NCHW (other strides are copied into it).
+inline at::MemoryFormat working_layout(const at::Tensor& input) {
+  if (!input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_input(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 4, "fused_residual: input must be 4-D (N, C, H, W), got ",
+              input.dim(), "-D");
+  TORCH_CHECK(is_supported_float(input.scalar_type()),
+              "fused_residual: input dtype must be float16, bfloat16, float32 or float64, got ",
+              input.scalar_type());
+}
+
+// `t` must match `input` in shape, dtype and device (residual, grad_out).
+inline void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "fused_residual: ", name, " shape ", t.sizes(),
+              " does not match input shape ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_residual: ", name, " dtype ",
+              t.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fused_residual: ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+}
+
+// A per-channel vector (mean, var, weight, bias, running stats, sums): 1-D of length C,
+// floating, on the input's device.
+inline void check_per_channel(const at::Tensor& t, int64_t channels, const at::Device& device,
+                              const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "fused_residual: ", name,
+              " must have shape (", channels, ",), got ", t.sizes());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "fused_residual: ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, "fused_residual: ", name, " is on ", t.device(),
+              " but input is on ", device);
+}
+
+inline void check_per_channel(const std::optional<at::Tensor>& t, int64_t channels,
+                              const at::Device& device, const char* name) {
+  if (t.has_value()) {
+    check_per_channel(*t, channels, device, name);
+  }
+}
+
+// The packed ReLU mask: uint8, ceil(numel / 8) bytes, on the input's device.
+inline void check_mask(const at::Tensor& mask, const at::Tensor& input) {
+  const int64_t bytes = (input.numel() + 7) / 8;
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_residual: mask must be uint8, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == bytes, "fused_residual: mask must have shape (",
+              bytes, ",) for an input of ", input.numel(), " elements, got ", mask.sizes());
+  TORCH_CHECK(mask.device() == input.device(), "fused_residual: mask is on ", mask.device(),
+              " but input is on ", input.device());
+}
+
+inline void check_count(int64_t count) {
+  TORCH_CHECK(count >= 1, "fused_residual: count (values per channel) must be >= 1, got ", count);
+}
+
+}  // namespace fused_residual

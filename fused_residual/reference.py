@@ -1,0 +1,168 @@
+"""Pure-PyTorch reference: the numerics every backend is tested against.
+
+`bn_add_relu_reference` is the eager composition the project replaces (and the baseline of
+every benchmark). The `*_reference` functions below are the five primitive ops of the op
+layer (docs/op_layer.md) written with plain tensor ops, so each kernel can be checked op by
+op, including its packed mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def bn_add_relu_reference(
+    input: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """`relu(batch_norm(input) + residual)` in eager PyTorch (four kernels or more)."""
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation dtype: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_layout(input: Tensor) -> torch.memory_format:
+    """channels_last when `input` is channels_last-contiguous and not plain contiguous."""
+    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _memory_order(t: Tensor, layout: torch.memory_format) -> Tensor:
+    """The elements of a 4-D tensor as a 1-D tensor in the working layout's memory order."""
+    if layout == torch.channels_last:
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def pack_mask(bits: Tensor, layout: torch.memory_format) -> Tensor:
+    """Pack a bool tensor into the op layer's uint8 mask (LSB-first, memory order)."""
+    flat = _memory_order(bits, layout).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
+    weights = (1 << torch.arange(8, device=bits.device, dtype=torch.int32)).to(torch.uint8)
+    return (flat * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(mask: Tensor, shape: torch.Size, layout: torch.memory_format) -> Tensor:
+    """The inverse of `pack_mask`: a bool tensor of `shape` (N, C, H, W)."""
+    n, c, h, w = shape
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = ((mask.view(-1, 1) >> shifts) & 1).view(-1)[: n * c * h * w].bool()
+    if layout == torch.channels_last:
+        return bits.view(n, h, w, c).permute(0, 3, 1, 2)
+    return bits.view(n, c, h, w)
+
+
+def _per_channel(t: Tensor | None, acc: torch.dtype, default: float, c: int, device) -> Tensor:
+    if t is None:
+        return torch.full((c,), default, dtype=acc, device=device)
+    return t.to(acc)
+
+
+def _bcast(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def bn_stats_reference(input: Tensor) -> tuple[Tensor, Tensor]:
+    x = input.to(acc_dtype(input.dtype))
+    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+
+
+def bn_update_running_stats_reference(
+    mean: Tensor, var: Tensor, count: int, running_mean: Tensor, running_var: Tensor, momentum: float
+) -> None:
+    acc = acc_dtype(mean.dtype)
+    new_mean = (1 - momentum) * running_mean.to(acc) + momentum * mean.to(acc)
+    new_var = (1 - momentum) * running_var.to(acc) + momentum * var.to(acc) * (count / (count - 1))
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def bn_apply_reference(
+    input: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(input.dtype)
+    layout = working_layout(input)
+    c = input.shape[1]
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    w = _per_channel(weight, acc, 1.0, c, input.device)
+    b = _per_channel(bias, acc, 0.0, c, input.device)
+    y = (input.to(acc) - _bcast(mean.to(acc))) * _bcast(invstd * w) + _bcast(b)
+    if residual is not None:
+        y = y + residual.to(acc)
+    out = torch.where(y < 0, torch.zeros_like(y), y).to(input.dtype)
+    out = out.contiguous(memory_format=layout)
+    mask = pack_mask(y > 0, layout) if save_mask else input.new_empty((0,), dtype=torch.uint8)
+    return out, mask
+
+
+def _relu_grad(grad_out: Tensor, mask: Tensor, input: Tensor, acc: torch.dtype) -> Tensor:
+    bits = unpack_mask(mask, input.shape, working_layout(input))
+    return torch.where(bits, grad_out.to(acc), torch.zeros((), dtype=acc, device=input.device))
+
+
+def bn_backward_reduce_reference(
+    grad_out: Tensor, mask: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(input.dtype)
+    dy = _relu_grad(grad_out, mask, input, acc)
+    sum_dy = dy.sum(dim=(0, 2, 3))
+    sum_dy_xmu = (dy * (input.to(acc) - _bcast(mean.to(acc)))).sum(dim=(0, 2, 3))
+    return sum_dy, sum_dy_xmu, sum_dy_xmu * torch.rsqrt(var.to(acc) + eps)
+
+
+def bn_backward_apply_reference(
+    grad_out: Tensor,
+    mask: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor | None,
+    sum_dy_xmu: Tensor | None,
+    eps: float,
+    count: int,
+    need_grad_input: bool,
+    need_grad_residual: bool,
+) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(input.dtype)
+    layout = working_layout(input)
+    c = input.shape[1]
+    dy = _relu_grad(grad_out, mask, input, acc)
+    empty = input.new_empty((0,))
+    grad_residual = dy.to(input.dtype).contiguous(memory_format=layout) if need_grad_residual else empty
+    if not need_grad_input:
+        return empty, grad_residual
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    w = _per_channel(weight, acc, 1.0, c, input.device)
+    if sum_dy is None:
+        grad_input = dy * _bcast(w * invstd)
+    else:
+        xmu = input.to(acc) - _bcast(mean.to(acc))
+        mean_dy = _bcast(sum_dy.to(acc) / count)
+        mean_dy_xmu = _bcast(sum_dy_xmu.to(acc) / count)
+        grad_input = _bcast(w * invstd) * (dy - mean_dy - xmu * _bcast(invstd * invstd) * mean_dy_xmu)
+    return grad_input.to(input.dtype).contiguous(memory_format=layout), grad_residual
