@@ -1,0 +1,11 @@
+"""fused_residual: BatchNorm2d + residual add + ReLU fused into single memory-bound passes.
+
+Public API: `bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`, `available_backends`.
+"""
+
+from .backends import available_backends
+from .functional import bn_add_relu
+from .modules import BatchNormAddReLU2d, FusedResidualBlock
+
+__all__ = ["BatchNormAddReLU2d", "FusedResidualBlock", "available_backends", "bn_add_relu"]
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""Shared measurement pieces: the ideal-bytes model, the problem builder and a timer.
+
+Used by `python -m fused_residual` and by benchmarks/, so that every GB/s figure in this
+project comes from one definition.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("eval_fwd", "train_fwd", "train_fwdbwd")
+
+
+def ideal_bytes(mode: str, numel: int, itemsize: int, residual: bool = True) -> int:
+    """Bytes an ideal fused tail must move, counting whole-tensor passes.
+
+    - eval_fwd and train_fwd: read input, read residual, write output (3 passes; 2 without a
+      residual). The statistics pass of training is not counted: an ideal kernel keeps the
+      tensor on chip between statistics and apply.
+    - train_fwdbwd: the forward's passes, plus the backward's read of grad_out and input,
+      write of grad_input and grad_residual (7 passes; 5 without a residual), plus the 1-bit
+      ReLU mask written by the forward and read by the backward (numel / 8 bytes each way).
+    Per-channel vectors (C values) are negligible and not counted.
+    """
+    fwd_passes = 3 if residual else 2
+    if mode in ("eval_fwd", "train_fwd"):
+        return fwd_passes * numel * itemsize
+    if mode == "train_fwdbwd":
+        bwd_passes = 4 if residual else 3
+        return (fwd_passes + bwd_passes) * numel * itemsize + 2 * ((numel + 7) // 8)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
+              reps: int = 10) -> float:
+    """Median wall time of `fn` in ms, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class TailProblem:
+    """Tensors of one tail case: y = conv output, r = residual, BN parameters and stats."""
+
+    input: Tensor
+    residual: Tensor | None
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    grad: Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.input.numel()
+
+    @property
+    def itemsize(self) -> int:
+        return self.input.element_size()
+
+
+def make_tail_problem(shape: tuple[int, int, int, int], dtype: torch.dtype,
+                      channels_last: bool, device: torch.device | str,
+                      residual: bool = True) -> TailProblem:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    c = shape[1]
+
+    def element() -> Tensor:
+        return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+    weight = torch.rand(c, device=device) + 0.5
+    bias = torch.randn(c, device=device) * 0.1
+    return TailProblem(element(), element() if residual else None, weight, bias,
+                       torch.zeros(c, device=device), torch.ones(c, device=device), element())
+
+
+def tail_callable(problem: TailProblem, mode: str, forward: Callable[..., Tensor]) -> Callable[[], object]:
+    """A no-argument callable running `mode` of `forward(input, residual, rm, rv, w, b, training)`."""
+    p = problem
+    if mode == "eval_fwd":
+        def run():
+            with torch.no_grad():
+                return forward(p.input, p.residual, p.running_mean, p.running_var, p.weight, p.bias, False)
+        return run
+    if mode == "train_fwd":
+        def run():
+            with torch.no_grad():
+                return forward(p.input, p.residual, p.running_mean, p.running_var, p.weight, p.bias, True)
+        return run
+    if mode != "train_fwdbwd":
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    leaves = [t.detach().requires_grad_(True) for t in (p.input, p.residual, p.weight, p.bias)
+              if t is not None]
+
+    def run():
+        x = leaves[0]
+        r = leaves[1] if p.residual is not None else None
+        w, b = leaves[-2], leaves[-1]
+        out = forward(x, r, p.running_mean, p.running_var, w, b, True)
+        return torch.autograd.grad(out, leaves, p.grad)
+
+    return run

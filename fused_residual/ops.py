@@ -1,0 +1,103 @@
+"""The extension's primitive ops: loading `fused_residual._C` and their fake kernels.
+
+The schemas live in csrc/ops.cpp (TORCH_LIBRARY) and the kernels per dispatch key in
+csrc/cpu/ and csrc/cuda/; docs/op_layer.md is the contract. The fake kernels below give
+torch.compile and `torch.library.opcheck` each op's output metadata without running it, and
+are shared by the Triton backend's ops, which have the same signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import acc_dtype, working_layout
+
+OP_NAMES = ("bn_stats", "bn_update_running_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")
+
+
+def _load_extension() -> str | None:
+    """Import the compiled extension; return why it is unusable, or None when it loaded."""
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+    except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
+        return f"{type(exc).__name__}: {exc}"
+    if not hasattr(torch.ops.fused_residual, "bn_stats"):
+        return "fused_residual._C loaded but registered no ops"
+    return None
+
+
+EXTENSION_ERROR: str | None = _load_extension()
+EXTENSION_LOADED: bool = EXTENSION_ERROR is None
+
+
+def fake_bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    channels = input.shape[1]
+    acc = acc_dtype(input.dtype)
+    return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
+def fake_bn_update_running_stats(
+    mean: Tensor, var: Tensor, count: int, running_mean: Tensor, running_var: Tensor, momentum: float
+) -> None:
+    return None
+
+
+def fake_bn_apply(
+    input: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(input, memory_format=working_layout(input))
+    mask_bytes = (input.numel() + 7) // 8 if save_mask else 0
+    return out, input.new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+def fake_bn_backward_reduce(
+    grad_out: Tensor, mask: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    channels = input.shape[1]
+    acc = acc_dtype(input.dtype)
+    return tuple(input.new_empty((channels,), dtype=acc) for _ in range(3))  # type: ignore[return-value]
+
+
+def fake_bn_backward_apply(
+    grad_out: Tensor,
+    mask: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor | None,
+    sum_dy_xmu: Tensor | None,
+    eps: float,
+    count: int,
+    need_grad_input: bool,
+    need_grad_residual: bool,
+) -> tuple[Tensor, Tensor]:
+    layout = working_layout(input)
+
+    def element_output(needed: bool) -> Tensor:
+        if needed:
+            return torch.empty_like(input, memory_format=layout)
+        return input.new_empty((0,))
+
+    return element_output(need_grad_input), element_output(need_grad_residual)
+
+
+FAKE_KERNELS = {
+    "bn_stats": fake_bn_stats,
+    "bn_update_running_stats": fake_bn_update_running_stats,
+    "bn_apply": fake_bn_apply,
+    "bn_backward_reduce": fake_bn_backward_reduce,
+    "bn_backward_apply": fake_bn_backward_apply,
+}
+
+if EXTENSION_LOADED:
+    for _name, _fake in FAKE_KERNELS.items():
+        torch.library.register_fake(f"fused_residual::{_name}")(_fake)

@@ -1,0 +1,333 @@
+"""Shared pieces of the Triton backend: argument checks, the working-layout geometry, the
+launch heuristics (a small tuned table) and the `@triton.jit` helpers every kernel uses.
+
+Geometry. Kernels never see strides: an input is first brought into its working layout
+(`reference.working_layout`, a no-op on the hot path) and then addressed as a dense array in
+memory order, so the element index `e` used for the packed mask is also the memory offset.
+
+* NCHW: `N * C` rows of `HW` contiguous values; channel of row `r` is `r % C`. A channel's
+  values are `N` rows of `HW` at a stride of `C * HW`.
+* channels_last (NHWC): `N * HW` rows of `C` contiguous values; the channel is the column.
+  An NCHW input with `H * W == 1` has exactly this memory order and is treated as NHWC.
+
+Element-wise kernels (bn_apply, bn_backward_apply) tile that row matrix `[ROWS, COLS]` in
+blocks `[BLOCK_R, BLOCK_J, 8]` whose last axis holds the 8 bits of one mask byte, when
+`COLS % 8 == 0` ("rows" mode: every row starts on a mask byte). Otherwise ("flat" mode) the
+flat memory order is tiled in `[BLOCK_J, 8]` blocks and the channel of each element is
+recomputed with an integer division. Reduction kernels (bn_stats, bn_backward_reduce)
+give each program one channel (NCHW) or one block of channels (NHWC) and a fixed range of
+tiles; per-program partials are merged by a second small kernel in a fixed order, so the
+results are bitwise reproducible for a given shape and device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import acc_dtype, working_layout
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Tuning table
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch heuristics. Every field is a power of two except the program counts.
+
+    The element-wise kernels move `elementwise_tile` elements per program (16 KiB of fp32
+    per operand: enough bytes in flight per SM at 8 warps). Reduction programs keep
+    `reduce_tile` lanes of fp32 accumulators (3 per lane for Welford) and loop over tiles.
+    Rows narrower than a block are padded; a block width is chosen so that at most 1/8 of
+    a row of blocks is padding (`_pick_block`).
+    """
+
+    elementwise_tile: int = 4096
+    elementwise_max_cols: int = 1024
+    reduce_tile: int = 2048
+    reduce_max_hw: int = 1024  # NCHW reduction: widest contiguous segment of a row
+    reduce_max_c: int = 64  # NHWC reduction: channels per program
+    merge_block_c: int = 256  # channels per program of the merge / update kernels
+    programs_per_sm: int = 4  # reduction programs aimed for, per SM
+    min_tiles_per_program: int = 2
+    max_splits: int = 1024
+    cpu_sm_count: int = 4  # "SMs" assumed under the interpreter
+
+
+TUNING = Tuning()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+    return TUNING.cpu_sm_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return TUNING.cpu_sm_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count("cuda", index)
+
+
+def _pick_block(extent: int, max_block: int, min_block: int) -> int:
+    """Largest power-of-two block in [min_block, max_block] wasting at most 1/8 of the
+    padded extent; small extents get one block of next_power_of_2(extent)."""
+    full = triton.next_power_of_2(extent)
+    if full <= min_block:
+        return full
+    block = min(full, max_block)
+    while block > min_block:
+        if triton.cdiv(extent, block) * block * 7 <= extent * 8:
+            return block
+        block //= 2
+    return min_block
+
+
+def _warps(lanes: int) -> int:
+    return max(1, min(8, lanes // 256))
+
+
+# --------------------------------------------------------------------------------------
+# Checks and geometry
+# --------------------------------------------------------------------------------------
+
+
+def _check_input(input: Tensor) -> None:
+    if input.dim() != 4:
+        raise ValueError(f"fused_residual: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused_residual: input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    n, _, h, w = input.shape
+    if n * h * w == 0:
+        raise ValueError("fused_residual: N*H*W == 0 must be handled before the op layer")
+
+
+def check_like_input(t: Tensor, input: Tensor, name: str) -> None:
+    if t.shape != input.shape:
+        raise ValueError(f"fused_residual: {name} shape {tuple(t.shape)} does not match input shape "
+                         f"{tuple(input.shape)}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"fused_residual: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"fused_residual: {name} is on {t.device} but input is on {input.device}")
+
+
+def check_per_channel(t: Tensor | None, channels: int, device: torch.device, name: str) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"fused_residual: {name} must have shape ({channels},), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"fused_residual: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"fused_residual: {name} is on {t.device} but input is on {device}")
+
+
+def check_mask(mask: Tensor, input: Tensor) -> None:
+    nbytes = (input.numel() + 7) // 8
+    if mask.dtype != torch.uint8:
+        raise TypeError(f"fused_residual: mask must be uint8, got {mask.dtype}")
+    if mask.dim() != 1 or mask.shape[0] != nbytes:
+        raise ValueError(f"fused_residual: mask must have shape ({nbytes},) for an input of "
+                         f"{input.numel()} elements, got {tuple(mask.shape)}")
+    if mask.device != input.device:
+        raise ValueError(f"fused_residual: mask is on {mask.device} but input is on {input.device}")
+
+
+def per_channel(t: Tensor | None) -> Tensor | None:
+    """A 1-D per-channel tensor the kernels can index densely (no copy when contiguous)."""
+    return None if t is None else t.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    n: int
+    c: int
+    hw: int
+    layout: torch.memory_format  # the working layout (outputs are allocated in it)
+    nhwc: bool  # memory is N*HW rows of C (channels_last, or NCHW with HW == 1)
+    numel: int
+    acc: torch.dtype
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.hw if self.nhwc else self.n * self.c
+
+    @property
+    def cols(self) -> int:
+        return self.c if self.nhwc else self.hw
+
+    @property
+    def is_f64(self) -> bool:
+        return self.acc == torch.float64
+
+    @property
+    def shift_stride(self) -> int:
+        """Memory offset of x[0, c, 0, 0] is c * shift_stride."""
+        return 1 if self.nhwc else self.hw
+
+
+def prepare_input(input: Tensor) -> tuple[Tensor, Geometry]:
+    """Check `input`, bring it into its working layout (no copy when it already is) and
+    describe it."""
+    _check_input(input)
+    layout = working_layout(input)
+    x = input.contiguous(memory_format=layout)
+    n, c, h, w = x.shape
+    geo = Geometry(n=n, c=c, hw=h * w, layout=layout, nhwc=layout == torch.channels_last or h * w == 1,
+                   numel=x.numel(), acc=acc_dtype(x.dtype))
+    return x, geo
+
+
+def like_input(t: Tensor, input: Tensor, geo: Geometry, name: str) -> Tensor:
+    """`residual` / `grad_out` in the input's working layout (copied only when it is not)."""
+    check_like_input(t, input, name)
+    return t.contiguous(memory_format=geo.layout)
+
+
+def empty_like_working(x: Tensor, geo: Geometry) -> Tensor:
+    return torch.empty_like(x, memory_format=geo.layout)
+
+
+def split_f64(value: float) -> tuple[float, float]:
+    """(hi, lo) with hi = float32(value) and lo = value - hi: Triton passes Python floats as
+    fp32, and `hi + lo` evaluated in float64 in a kernel restores ~48 bits (`join_f64`)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
+
+
+# --------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwiseConfig:
+    rows_mode: bool
+    block_r: int  # rows per block (rows mode); 1 in flat mode
+    block_j: int  # mask bytes per row segment (rows mode) or per block (flat mode)
+    col_blocks: int  # blocks along a row (rows mode)
+    grid: tuple[int]
+    num_warps: int
+
+
+def elementwise_config(geo: Geometry) -> ElementwiseConfig:
+    t = TUNING
+    if geo.cols % 8 == 0:
+        block_cols = _pick_block(geo.cols, max(8, t.elementwise_max_cols), 8)
+        block_r = max(1, min(t.elementwise_tile // block_cols, triton.next_power_of_2(geo.rows)))
+        col_blocks = triton.cdiv(geo.cols, block_cols)
+        grid = (triton.cdiv(geo.rows, block_r) * col_blocks,)
+        return ElementwiseConfig(True, block_r, block_cols // 8, col_blocks, grid,
+                                 _warps(block_r * block_cols))
+    block = max(8, min(t.elementwise_tile, triton.next_power_of_2(geo.numel)))
+    return ElementwiseConfig(False, 1, block // 8, 1, (triton.cdiv(geo.numel, block),), _warps(block))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceConfig:
+    block_a: int  # NCHW: rows (n) per tile; NHWC: rows (n*hw) per tile
+    block_b: int  # NCHW: hw per tile; NHWC: channels per program
+    tiles_b: int  # NCHW: tiles along HW (a tile index t is (t // tiles_b, t % tiles_b))
+    n_tiles: int  # tiles per channel (group)
+    tiles_per_program: int
+    splits: int  # programs per channel (group): the S of the (S, C) partials
+    grid: tuple[int, int]
+    num_warps: int
+
+
+def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
+    t = TUNING
+    if geo.nhwc:
+        block_b = _pick_block(geo.c, t.reduce_max_c, 16)
+        block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.rows)))
+        tiles_b = 1
+        n_tiles = triton.cdiv(geo.rows, block_a)
+        groups = triton.cdiv(geo.c, block_b)
+    else:
+        block_b = _pick_block(geo.hw, t.reduce_max_hw, 8)
+        block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.n)))
+        tiles_b = triton.cdiv(geo.hw, block_b)
+        n_tiles = triton.cdiv(geo.n, block_a) * tiles_b
+        groups = geo.c
+    want = triton.cdiv(sm_count(device) * t.programs_per_sm, groups)
+    want = max(1, min(want, t.max_splits, triton.cdiv(n_tiles, t.min_tiles_per_program)))
+    tiles_per_program = triton.cdiv(n_tiles, want)
+    splits = triton.cdiv(n_tiles, tiles_per_program)
+    return ReduceConfig(block_a, block_b, tiles_b, n_tiles, tiles_per_program, splits, (groups, splits),
+                        _warps(block_a * block_b))
+
+
+def merge_block(c: int) -> int:
+    return min(TUNING.merge_block_c, triton.next_power_of_2(c))
+
+
+# --------------------------------------------------------------------------------------
+# @triton.jit helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def join_f64(hi, lo, IS_F64: tl.constexpr):
+    """A host float passed as an fp32 (hi, lo) pair, in the accumulation dtype."""
+    if IS_F64:
+        return hi.to(tl.float64) + lo.to(tl.float64)
+    else:
+        return hi
+
+
+@triton.jit
+def rstd(var, eps):
+    """1 / sqrt(var + eps) (correctly rounded sqrt and division in float64)."""
+    return 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def load_acc(ptr, offs, mask, IS_F64: tl.constexpr):
+    """A masked load converted to the accumulation dtype (fp32, or fp64 for fp64 input)."""
+    if IS_F64:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr):
+    """Per-channel (mean, scale = invstd * w, bias) of `y = (x - mean) * scale + bias`."""
+    mean = load_acc(mean_ptr, ch, cmask, IS_F64)
+    scale = rstd(load_acc(var_ptr, ch, cmask, IS_F64), eps)
+    if HAS_WEIGHT:
+        scale = scale * load_acc(w_ptr, ch, cmask, IS_F64)
+    if HAS_BIAS:
+        bias = load_acc(b_ptr, ch, cmask, IS_F64)
+    else:
+        bias = tl.zeros_like(mean)
+    return mean, scale, bias
+
+
+@triton.jit
+def flat_channel(base, local, C, HW, NHWC: tl.constexpr):
+    """Channel of the elements `base + local` (int64 scalar + small int32 offsets) in the
+    working layout's memory order, with only int32 vector divisions."""
+    if NHWC:
+        ch = ((base % C).to(tl.int32) + local) % C
+    else:
+        row0 = base // HW
+        rem0 = (base - row0 * HW).to(tl.int32)
+        ch = ((row0 % C).to(tl.int32) + (rem0 + local) // HW) % C
+    return ch

@@ -1,0 +1,129 @@
+"""Bad input: a clear Python exception naming the problem, never a crash or a wrong answer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICE, FUSED_BACKENDS
+
+import fused_residual
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", [*FUSED_BACKENDS, "reference", "auto"])
+
+
+def args(shape=(2, 3, 4, 4), dtype=torch.float32):
+    c = shape[1]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    return dict(input=x, residual=torch.randn_like(x), running_mean=torch.zeros(c, device=DEVICE),
+                running_var=torch.ones(c, device=DEVICE), weight=torch.ones(c, device=DEVICE),
+                bias=torch.zeros(c, device=DEVICE))
+
+
+def call(backend, training=True, **kwargs):
+    return fused_residual.bn_add_relu(training=training, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(input=torch.randn(2, 3, 4)), ValueError, "4-D"),
+        (dict(input=torch.randn(2, 3, 4, 4, 1)), ValueError, "4-D"),
+        (dict(input=torch.randint(0, 5, (2, 3, 4, 4))), TypeError, "dtype"),
+        (dict(input=torch.ones(2, 3, 4, 4, dtype=torch.bool)), TypeError, "dtype"),
+        (dict(residual=torch.randn(2, 3, 4, 5)), ValueError, "residual shape"),
+        (dict(residual=torch.randn(2, 3, 4, 4, dtype=torch.float64)), TypeError, "residual dtype"),
+        (dict(weight=torch.ones(4)), ValueError, "weight"),
+        (dict(bias=torch.ones(2)), ValueError, "bias"),
+        (dict(running_mean=torch.zeros(4)), ValueError, "running_mean"),
+        (dict(running_var=torch.ones(3, 1)), ValueError, "running_var"),
+        (dict(weight=torch.ones(3, dtype=torch.int64)), TypeError, "weight"),
+        (dict(running_var=None), ValueError, "running_mean and running_var"),
+    ],
+)
+def test_bad_arguments(backend, change, error, words):
+    kwargs = args()
+    kwargs.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    with pytest.raises(error, match=words):
+        call(backend, **kwargs)
+
+
+def test_eval_needs_running_stats(backend):
+    kwargs = args()
+    kwargs.update(running_mean=None, running_var=None)
+    with pytest.raises(ValueError, match="evaluation mode"):
+        call(backend, training=False, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 1, 1, 1)])
+def test_one_value_per_channel_in_training(backend, shape):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        call(backend, **args(shape))
+    bn = fused_residual.BatchNormAddReLU2d(shape[1], backend=backend).to(DEVICE)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(shape, device=DEVICE))
+    # Eval mode with one value per channel is fine, as for nn.BatchNorm2d.
+    bn.eval()
+    assert bn(torch.randn(shape, device=DEVICE)).shape == shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
+def test_device_mismatch(backend):
+    kwargs = args()
+    kwargs["weight"] = kwargs["weight"].cpu() if DEVICE == "cuda" else kwargs["weight"].cuda()
+    with pytest.raises(ValueError, match="weight is on"):
+        call(backend, **kwargs)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'.*available"):
+        call("cudnn", **args())
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_residual.BatchNormAddReLU2d(3, backend="fast")
+
+
+def test_unavailable_backend_names_the_available_ones(monkeypatch):
+    from fused_residual import backends
+
+    monkeypatch.setattr(backends, "_extension_serves", lambda device_type: False)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"'extension' is unavailable.*available: \["):
+        fused_residual.bn_add_relu(x, None, None, None, training=True, backend="extension")
+
+
+def test_import_without_extension_falls_back_with_one_warning():
+    """A missing or broken _C: import works, "extension" is unavailable, "auto" warns once."""
+    code = """
+import sys, warnings
+sys.modules["fused_residual._C"] = None  # makes `from . import _C` raise ImportError
+import torch, fused_residual
+from fused_residual import ops
+assert not ops.EXTENSION_LOADED and "ImportError" in ops.EXTENSION_ERROR
+assert "extension" not in fused_residual.available_backends("cpu")
+x = torch.randn(4, 3, 5, 5)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        out = fused_residual.bn_add_relu(x, x, torch.zeros(3), torch.ones(3), training=True)
+fallbacks = [w for w in caught if "falls back" in str(w.message)]
+assert len(fallbacks) == 1, [str(w.message) for w in caught]
+ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + x)
+torch.testing.assert_close(out, ref)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_available_backends_lists_reference_last():
+    names = fused_residual.available_backends("cpu")
+    assert names[-1] == "reference"
+    assert set(names) <= {"extension", "triton", "reference"}
