@@ -14,16 +14,18 @@ Element-wise kernels (bn_apply, bn_backward_apply) tile that row matrix `[ROWS, 
 blocks `[BLOCK_R, BLOCK_J, 8]` whose last axis holds the 8 bits of one mask byte, when
 `COLS % 8 == 0` ("rows" mode: every row starts on a mask byte). Otherwise ("flat" mode) the
 flat memory order is tiled in `[BLOCK_J, 8]` blocks and the channel of each element is
-recomputed with an integer division. Reduction kernels (bn_stats, bn_backward_reduce)
-give each program one channel (NCHW) or one block of channels (NHWC) and a fixed range of
-tiles; per-program partials are merged by a second small kernel in a fixed order, so the
-results are bitwise reproducible for a given shape and device.
+recomputed (a division by a float reciprocal, exact in the range used: `_div_small`).
+Reduction kernels (bn_stats, bn_backward_reduce) give each program one channel (NCHW) or
+one block of channels (NHWC) and a fixed range of tiles; per-program partials are merged
+by a second small kernel in a fixed order, so the results are bitwise reproducible for a
+given shape and device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import struct
 
 import torch
@@ -34,6 +36,38 @@ from torch import Tensor
 from ..reference import acc_dtype, working_layout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when these modules load.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _InterpretedLaunch:
+    """`kernel[grid](...)` that skips the launch on fake or meta tensors (shape propagation,
+    FakeTensor tracing): the interpreter would try to read their data."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            if any(t.device.type == "meta" or is_fake(t) for t in tensors):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton`, except under the interpreter, where the kernel is
+    launched directly (older torch versions reject interpreted kernels in wrap_triton).
+    Named like torch's function so that torch's kernel discovery for `triton_op`s
+    (`torch._library.triton.get_inner_triton_kernels`) still finds the kernels."""
+    if INTERPRETED:
+        return _InterpretedLaunch(kernel)
+    return torch.library.wrap_triton(kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -46,18 +80,20 @@ class Tuning:
     """Launch heuristics. Every field is a power of two except the program counts.
 
     The element-wise kernels move `elementwise_tile` elements per program (16 KiB of fp32
-    per operand: enough bytes in flight per SM at 8 warps). Reduction programs keep
+    per operand: enough bytes in flight per SM at 8 warps; sm_90 compiles of the rows-mode
+    kernels use <= 72 registers, flat mode at `flat_tile` <= 64, no spills). Reduction programs keep
     `reduce_tile` lanes of fp32 accumulators (3 per lane for Welford) and loop over tiles.
-    Rows narrower than a block are padded; a block width is chosen so that at most 1/8 of
-    a row of blocks is padding (`_pick_block`).
+    Block widths along a row come from `_pick_block`.
     """
 
     elementwise_tile: int = 4096
     elementwise_max_cols: int = 1024
+    flat_tile: int = 2048  # flat mode gathers per-channel values per element: more registers
     reduce_tile: int = 2048
     reduce_max_hw: int = 1024  # NCHW reduction: widest contiguous segment of a row
     reduce_max_c: int = 64  # NHWC reduction: channels per program
-    merge_block_c: int = 256  # channels per program of the merge / update kernels
+    merge_block_c: int = 128  # channels per program of the merge kernels
+    merge_tile: int = 2048  # partials per loop step of the merge kernels
     programs_per_sm: int = 4  # reduction programs aimed for, per SM
     min_tiles_per_program: int = 2
     max_splits: int = 1024
@@ -67,27 +103,27 @@ class Tuning:
 TUNING = Tuning()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
-    return TUNING.cpu_sm_count
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
+    """SMs of `device` (cached: no device query per launch); TUNING.cpu_sm_count otherwise."""
     if device.type != "cuda":
         return TUNING.cpu_sm_count
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count("cuda", index)
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _pick_block(extent: int, max_block: int, min_block: int) -> int:
-    """Largest power-of-two block in [min_block, max_block] wasting at most 1/8 of the
-    padded extent; small extents get one block of next_power_of_2(extent)."""
+    """Block width along a contiguous row of `extent` values: the whole row (padded to a
+    power of two) when that fits in `max_block`, so a tile reads whole rows; otherwise the
+    largest power of two in [min_block, max_block] leaving at most 1/8 of the row's blocks
+    as padding (e.g. 3136 = 56*56 -> 512, 12544 -> 1024)."""
     full = triton.next_power_of_2(extent)
-    if full <= min_block:
+    if full <= max_block:
         return full
-    block = min(full, max_block)
+    block = max_block
     while block > min_block:
         if triton.cdiv(extent, block) * block * 7 <= extent * 8:
             return block
@@ -223,6 +259,12 @@ class ElementwiseConfig:
     col_blocks: int  # blocks along a row (rows mode)
     grid: tuple[int]
     num_warps: int
+    fast_div: bool = False  # flat mode: see `_div_small`
+
+
+# Flat mode divides int32 values below HW + BLOCK and C + BLOCK; up to this bound a float
+# reciprocal gives exact quotients (`_div_small`).
+FAST_DIV_LIMIT = 2**21
 
 
 def elementwise_config(geo: Geometry) -> ElementwiseConfig:
@@ -234,8 +276,10 @@ def elementwise_config(geo: Geometry) -> ElementwiseConfig:
         grid = (triton.cdiv(geo.rows, block_r) * col_blocks,)
         return ElementwiseConfig(True, block_r, block_cols // 8, col_blocks, grid,
                                  _warps(block_r * block_cols))
-    block = max(8, min(t.elementwise_tile, triton.next_power_of_2(geo.numel)))
-    return ElementwiseConfig(False, 1, block // 8, 1, (triton.cdiv(geo.numel, block),), _warps(block))
+    block = max(8, min(t.flat_tile, triton.next_power_of_2(geo.numel)))
+    fast_div = max(geo.c, geo.hw) + block < FAST_DIV_LIMIT
+    return ElementwiseConfig(False, 1, block // 8, 1, (triton.cdiv(geo.numel, block),), _warps(block),
+                             fast_div)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,13 +297,13 @@ class ReduceConfig:
 def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
     t = TUNING
     if geo.nhwc:
-        block_b = _pick_block(geo.c, t.reduce_max_c, 16)
+        block_b = _pick_block(geo.c, t.reduce_max_c, min(16, t.reduce_max_c))
         block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.rows)))
         tiles_b = 1
         n_tiles = triton.cdiv(geo.rows, block_a)
         groups = triton.cdiv(geo.c, block_b)
     else:
-        block_b = _pick_block(geo.hw, t.reduce_max_hw, 8)
+        block_b = _pick_block(geo.hw, t.reduce_max_hw, min(8, t.reduce_max_hw))
         block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.n)))
         tiles_b = triton.cdiv(geo.hw, block_b)
         n_tiles = triton.cdiv(geo.n, block_a) * tiles_b
@@ -272,8 +316,11 @@ def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
                         _warps(block_a * block_b))
 
 
-def merge_block(c: int) -> int:
-    return min(TUNING.merge_block_c, triton.next_power_of_2(c))
+def merge_blocks(c: int, splits: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) of the merge kernels: chunks of BLOCK_S partials of BLOCK_C channels."""
+    block_c = min(TUNING.merge_block_c, triton.next_power_of_2(c))
+    block_s = min(triton.next_power_of_2(splits), max(1, TUNING.merge_tile // block_c))
+    return block_s, block_c
 
 
 # --------------------------------------------------------------------------------------
@@ -285,15 +332,25 @@ def merge_block(c: int) -> int:
 def join_f64(hi, lo, IS_F64: tl.constexpr):
     """A host float passed as an fp32 (hi, lo) pair, in the accumulation dtype."""
     if IS_F64:
-        return hi.to(tl.float64) + lo.to(tl.float64)
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
-        return hi
+        return tl.cast(hi, tl.float32)
 
 
 @triton.jit
 def rstd(var, eps):
-    """1 / sqrt(var + eps) (correctly rounded sqrt and division in float64)."""
+    """1 / sqrt(var + eps). Compiled, fp32 uses the GPU's approximate sqrt and division
+    (each within 2 ulp); fp64 is correctly rounded."""
     return 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def to_acc(v, IS_F64: tl.constexpr):
+    """`v` in the accumulation dtype: fp32, or fp64 for fp64 input."""
+    if IS_F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
 
 
 @triton.jit
@@ -303,6 +360,15 @@ def load_acc(ptr, offs, mask, IS_F64: tl.constexpr):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
     else:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_rounded(ptr, offs, v, mask):
+    """Store `v` in the element type of `ptr`; float64 goes to a 16-bit type through float32,
+    as torch converts it."""
+    if ptr.dtype.element_ty != tl.float64:
+        v = v.to(tl.float32)
+    tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -321,13 +387,25 @@ def channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps,
 
 
 @triton.jit
-def flat_channel(base, local, C, HW, NHWC: tl.constexpr):
-    """Channel of the elements `base + local` (int64 scalar + small int32 offsets) in the
-    working layout's memory order, with only int32 vector divisions."""
-    if NHWC:
-        ch = ((base % C).to(tl.int32) + local) % C
+def _div_small(v, d, d_inv, FAST_DIV: tl.constexpr):
+    """v // d for int32 0 <= v, 1 <= d. FAST_DIV (the host checked v < 2^21): with
+    r = fl(1/d), fl((v + 0.5) * r) is within (v + 0.5) / d * 2^-23 < 0.5 / d of (v + 0.5) / d,
+    whose distance to an integer is at least 0.5 / d, so truncation gives the exact
+    quotient with 4 float instructions instead of a ~20-instruction integer division."""
+    if FAST_DIV:
+        return ((v.to(tl.float32) + 0.5) * d_inv).to(tl.int32)
     else:
+        return v // d
+
+
+@triton.jit
+def flat_channel(base, local, C, HW, c_inv, hw_inv, NHWC: tl.constexpr, FAST_DIV: tl.constexpr):
+    """Channel of the elements `base + local` (int64 scalar + int32 offsets in [0, BLOCK))
+    in the working layout's memory order; vector arithmetic stays in int32 / fp32."""
+    if NHWC:  # e % C
+        t = (base % C).to(tl.int32) + local
+    else:  # (e // HW) % C
         row0 = base // HW
         rem0 = (base - row0 * HW).to(tl.int32)
-        ch = ((row0 % C).to(tl.int32) + (rem0 + local) // HW) % C
-    return ch
+        t = (row0 % C).to(tl.int32) + _div_small(rem0 + local, HW, hw_inv, FAST_DIV)
+    return t - C * _div_small(t, C, c_inv, FAST_DIV)
