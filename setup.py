@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -84,9 +85,13 @@ def _extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # Baseline ISA only: a wheel built here must not die with SIGILL on an older CPU. The
-    # kernels are memory-bound, and at::vec's generic Vectorized<T> compiles to SSE2 loops.
+    # Baseline ISA for the build: a wheel built here must not die with SIGILL on an older CPU.
+    # csrc/cpu/ compiles its kernels a second time for AVX2 in one file of its own and picks
+    # that set at run time when the CPU has it.
     cxx_flags = ["-O3", "-std=c++20"]
+    # at::parallel_for is inline OpenMP code in ATen's headers: without -fopenmp the
+    # extension's loops run on one thread. Python-side, torch's own libgomp is reused.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if cuda_sources and _want_cuda():
@@ -98,9 +103,10 @@ def _extensions() -> list:
                 include_dirs=include_dirs,
                 define_macros=[("FUSED_RESIDUAL_WITH_CUDA", "1")],
                 extra_compile_args={
-                    "cxx": cxx_flags,
+                    "cxx": cxx_flags + openmp,
                     "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
                 },
+                extra_link_args=openmp,
             )
         ]
     return [
@@ -108,7 +114,8 @@ def _extensions() -> list:
             "fused_residual._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + openmp},
+            extra_link_args=openmp,
         )
     ]
 

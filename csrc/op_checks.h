@@ -80,4 +80,39 @@ inline void check_count(int64_t count) {
   TORCH_CHECK(count >= 1, "fused_residual: count (values per channel) must be >= 1, got ", count);
 }
 
+// The length C of a per-channel vector that defines it (mean in bn_update_running_stats,
+// which has no input tensor): it must be 1-D.
+inline int64_t per_channel_length(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, "fused_residual: ", name, " must be 1-D (C,), got ", t.sizes());
+  return t.size(0);
+}
+
+// The kernel registered for `type` only runs on tensors of that device type.
+inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* name) {
+  TORCH_CHECK(t.device().type() == type, "fused_residual: ", name, " must be a ", type,
+              " tensor, got one on ", t.device());
+}
+
+// Statistics need at least one value per channel (N * H * W >= 1).
+inline void check_reduction_size(const at::Tensor& input) {
+  const int64_t per_channel = input.size(0) * input.size(2) * input.size(3);
+  TORCH_CHECK(per_channel >= 1, "fused_residual: batch statistics need N*H*W >= 1 values per "
+              "channel, got input of shape ", input.sizes());
+}
+
+// The unbiased variance var * count / (count - 1) needs count >= 2.
+inline void check_unbiased_count(int64_t count) {
+  TORCH_CHECK(count >= 2,
+              "fused_residual: count (values per channel) must be >= 2 for the unbiased running "
+              "variance, got ", count);
+}
+
+// bn_backward_apply: sum_dy and sum_dy_xmu come together (training) or not at all (eval).
+inline void check_backward_sums(const std::optional<at::Tensor>& sum_dy,
+                                const std::optional<at::Tensor>& sum_dy_xmu) {
+  TORCH_CHECK(sum_dy.has_value() == sum_dy_xmu.has_value(),
+              "fused_residual: sum_dy and sum_dy_xmu must both be given (training) or both be "
+              "None (eval)");
+}
+
 }  // namespace fused_residual

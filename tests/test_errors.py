@@ -104,7 +104,7 @@ import sys, warnings
 sys.modules["fused_residual._C"] = None  # makes `from . import _C` raise ImportError
 import torch, fused_residual
 from fused_residual import ops
-assert not ops.EXTENSION_LOADED and "ImportError" in ops.EXTENSION_ERROR
+assert not ops.EXTENSION_LOADED and "_C" in ops.EXTENSION_ERROR, ops.EXTENSION_ERROR
 assert "extension" not in fused_residual.available_backends("cpu")
 x = torch.randn(4, 3, 5, 5)
 with warnings.catch_warnings(record=True) as caught:

@@ -1,0 +1,335 @@
+// CPU implementations of the five fused_residual ops (contract: docs/op_layer.md).
+//
+// This file owns the op-level work: argument checks (op_checks.h), the working layout
+// (NCHW-contiguous or channels_last-contiguous tensors are used as they are; any other
+// strides, and a residual / grad_out in another layout, are copied into the input's
+// working layout), output allocation without zero-fill, and the O(C) per-channel constants.
+// The streaming kernels (bn_*_kernels.h) are reached through a KernelSet chosen once per
+// process by the CPU's ISA (see bn_cpu_kernels.h).
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/bn_cpu_kernels.h"
+#include "op_checks.h"
+
+namespace fused_residual::cpu {
+namespace {
+
+// The AVX2 kernels when ATen itself runs AVX2 or AVX512 kernels on this CPU (honouring
+// ATEN_CPU_CAPABILITY), else the baseline ones.
+const KernelSet& kernels() {
+  static const KernelSet* const chosen = [] {
+#if defined(FUSED_RESIDUAL_HAVE_AVX2_KERNELS)
+    const std::string capability = at::get_cpu_capability();
+    if ((capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
+      return &avx2::kKernels;
+    }
+#endif
+    return &baseline::kKernels;
+  }();
+  return *chosen;
+}
+
+Geometry geometry_of(const at::Tensor& x, bool channels_last) {
+  return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
+}
+
+struct Working {
+  at::MemoryFormat format;
+  Geometry geometry;
+};
+
+Working working_of(const at::Tensor& input) {
+  const at::MemoryFormat format = working_layout(input);
+  return {format, geometry_of(input, format == at::MemoryFormat::ChannelsLast)};
+}
+
+// A per-channel tensor (any floating dtype, any stride) as a contiguous acc tensor; no copy
+// when it already is one.
+at::Tensor channel_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+at::Tensor channel_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? channel_acc(*t, acc) : at::Tensor();
+}
+
+// Data of a contiguous acc tensor, or nullptr for an undefined one.
+template <typename acc_t>
+const acc_t* acc_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+at::Tensor new_channels(int64_t c, const at::Tensor& like, at::ScalarType acc) {
+  return at::empty({c}, like.options().dtype(acc));
+}
+
+// Stores acc values into a per-channel tensor of any floating dtype and stride.
+template <typename acc_t>
+void store_channels(at::Tensor& dst, const acc_t* values) {
+  const at::ScalarType dtype = dst.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "store_channels", [&] {
+    scalar_t* p = dst.mutable_data_ptr<scalar_t>();
+    const int64_t stride = dst.stride(0);
+    for (int64_t i = 0; i < dst.size(0); ++i) {
+      p[i * stride] = static_cast<scalar_t>(values[i]);
+    }
+  });
+}
+
+// invstd_c = 1 / sqrt(var_c + eps) in acc.
+template <typename acc_t>
+inline acc_t invstd_of(acc_t var, double eps) {
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+}
+
+// ---- the ops ----
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
+  check_input(input);
+  check_device_type(input, c10::DeviceType::CPU, "input");
+  check_reduction_size(input);
+  const Working w = working_of(input);
+  const at::Tensor x = input.contiguous(w.format);
+  const at::ScalarType acc = acc_type(input.scalar_type());
+  at::Tensor mean = new_channels(w.geometry.c, input, acc);
+  at::Tensor var = new_channels(w.geometry.c, input, acc);
+  if (w.geometry.c > 0) {
+    kernels().stats(x.scalar_type(), w.geometry,
+                    StatsArgs{x.const_data_ptr(), mean.mutable_data_ptr(), var.mutable_data_ptr()});
+  }
+  return {mean, var};
+}
+
+// O(C): running = (1 - momentum) * running + momentum * batch, with the unbiased variance.
+void bn_update_running_stats_cpu(const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                 at::Tensor& running_mean, at::Tensor& running_var,
+                                 double momentum) {
+  const int64_t c = per_channel_length(mean, "mean");
+  check_device_type(mean, c10::DeviceType::CPU, "mean");
+  check_per_channel(mean, c, mean.device(), "mean");
+  check_per_channel(var, c, mean.device(), "var");
+  check_per_channel(running_mean, c, mean.device(), "running_mean");
+  check_per_channel(running_var, c, mean.device(), "running_var");
+  check_unbiased_count(count);
+  const at::ScalarType acc = acc_type(mean.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_update_running_stats_cpu", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor m = channel_acc(mean, acc);
+    const at::Tensor v = channel_acc(var, acc);
+    const at::Tensor rm = channel_acc(running_mean, acc);
+    const at::Tensor rv = channel_acc(running_var, acc);
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const acc_t* rmp = rm.const_data_ptr<acc_t>();
+    const acc_t* rvp = rv.const_data_ptr<acc_t>();
+    const acc_t keep = static_cast<acc_t>(1.0 - momentum);
+    const acc_t mom = static_cast<acc_t>(momentum);
+    const acc_t unbias = static_cast<acc_t>(static_cast<double>(count) / (count - 1));
+    std::vector<acc_t> new_mean(c), new_var(c);
+    for (int64_t i = 0; i < c; ++i) {
+      new_mean[i] = keep * rmp[i] + mom * mp[i];
+      new_var[i] = keep * rvp[i] + mom * vp[i] * unbias;
+    }
+    store_channels(running_mean, new_mean.data());
+    store_channels(running_var, new_var.data());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
+                                                const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& mean, const at::Tensor& var,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                double eps, bool save_mask) {
+  check_input(input);
+  check_device_type(input, c10::DeviceType::CPU, "input");
+  if (residual.has_value()) {
+    check_like_input(*residual, input, "residual");
+  }
+  const int64_t c = input.size(1);
+  check_per_channel(mean, c, input.device(), "mean");
+  check_per_channel(var, c, input.device(), "var");
+  check_per_channel(weight, c, input.device(), "weight");
+  check_per_channel(bias, c, input.device(), "bias");
+
+  const Working w = working_of(input);
+  const at::Tensor x = input.contiguous(w.format);
+  std::optional<at::Tensor> r;
+  if (residual.has_value()) {
+    r = residual->contiguous(w.format);
+  }
+  const at::ScalarType acc = acc_type(input.scalar_type());
+  const at::Tensor mean_acc = channel_acc(mean, acc);
+  at::Tensor scale = new_channels(c, input, acc);
+  at::Tensor shift = new_channels(c, input, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_apply_cpu_constants", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor v = channel_acc(var, acc);
+    const at::Tensor wt = channel_acc(weight, acc);
+    const at::Tensor bs = channel_acc(bias, acc);
+    const acc_t* vp = acc_data<acc_t>(v);
+    const acc_t* wp = acc_data<acc_t>(wt);
+    const acc_t* bp = acc_data<acc_t>(bs);
+    acc_t* sp = scale.mutable_data_ptr<acc_t>();
+    acc_t* hp = shift.mutable_data_ptr<acc_t>();
+    for (int64_t i = 0; i < c; ++i) {
+      const acc_t inv = invstd_of(vp[i], eps);
+      sp[i] = wp != nullptr ? inv * wp[i] : inv;
+      hp[i] = bp != nullptr ? bp[i] : acc_t(0);
+    }
+  });
+
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(w.format));
+  at::Tensor mask = at::empty({save_mask ? (input.numel() + 7) / 8 : 0},
+                              input.options().dtype(at::kByte));
+  if (input.numel() > 0) {
+    kernels().apply(x.scalar_type(), w.geometry,
+                    ApplyArgs{x.const_data_ptr(), r.has_value() ? r->const_data_ptr() : nullptr,
+                              mean_acc.const_data_ptr(), scale.const_data_ptr(),
+                              shift.const_data_ptr(), out.mutable_data_ptr(),
+                              save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr});
+  }
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_reduce_cpu(
+    const at::Tensor& grad_out, const at::Tensor& mask, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  check_input(input);
+  check_device_type(input, c10::DeviceType::CPU, "input");
+  check_like_input(grad_out, input, "grad_out");
+  check_mask(mask, input);
+  const int64_t c = input.size(1);
+  check_per_channel(mean, c, input.device(), "mean");
+  check_per_channel(var, c, input.device(), "var");
+
+  const Working w = working_of(input);
+  const at::Tensor x = input.contiguous(w.format);
+  const at::Tensor g = grad_out.contiguous(w.format);
+  const at::Tensor m = mask.contiguous();
+  const at::ScalarType acc = acc_type(input.scalar_type());
+  const at::Tensor mean_acc = channel_acc(mean, acc);
+  at::Tensor sum_dy = new_channels(c, input, acc);
+  at::Tensor sum_dy_xmu = new_channels(c, input, acc);
+  if (c > 0) {
+    kernels().backward_reduce(
+        x.scalar_type(), w.geometry,
+        BackwardReduceArgs{g.const_data_ptr(), m.const_data_ptr<uint8_t>(), m.numel(),
+                           x.const_data_ptr(), mean_acc.const_data_ptr(),
+                           sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr()});
+  }
+
+  at::Tensor grad_weight = new_channels(c, input, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_backward_reduce_cpu_weight", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor v = channel_acc(var, acc);
+    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const acc_t* s2 = sum_dy_xmu.const_data_ptr<acc_t>();
+    acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
+    for (int64_t i = 0; i < c; ++i) {
+      gw[i] = s2[i] * invstd_of(vp[i], eps);
+    }
+  });
+  return {sum_dy, sum_dy_xmu, grad_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
+    const at::Tensor& grad_out, const at::Tensor& mask, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& sum_dy, const std::optional<at::Tensor>& sum_dy_xmu,
+    double eps, int64_t count, bool need_grad_input, bool need_grad_residual) {
+  check_input(input);
+  check_device_type(input, c10::DeviceType::CPU, "input");
+  check_like_input(grad_out, input, "grad_out");
+  check_mask(mask, input);
+  const int64_t c = input.size(1);
+  check_per_channel(mean, c, input.device(), "mean");
+  check_per_channel(var, c, input.device(), "var");
+  check_per_channel(weight, c, input.device(), "weight");
+  check_backward_sums(sum_dy, sum_dy_xmu);
+  check_per_channel(sum_dy, c, input.device(), "sum_dy");
+  check_per_channel(sum_dy_xmu, c, input.device(), "sum_dy_xmu");
+  const bool train = sum_dy.has_value();
+  if (need_grad_input && train) {
+    check_count(count);
+  }
+
+  const at::Tensor empty = at::empty({0}, input.options());
+  if (!need_grad_input && !need_grad_residual) {
+    return {empty, empty};
+  }
+  const Working w = working_of(input);
+  const at::Tensor g = grad_out.contiguous(w.format);
+  const at::Tensor m = mask.contiguous();
+  const bool read_x = need_grad_input && train;  // eval and grad_residual never read x
+  const at::Tensor x = read_x ? input.contiguous(w.format) : input;
+  const at::ScalarType acc = acc_type(input.scalar_type());
+
+  at::Tensor mean_acc = read_x ? channel_acc(mean, acc) : at::Tensor();
+  at::Tensor k_dy, k_xmu, k_const;
+  if (need_grad_input) {
+    k_dy = new_channels(c, input, acc);
+    if (train) {
+      k_xmu = new_channels(c, input, acc);
+      k_const = new_channels(c, input, acc);
+    }
+    AT_DISPATCH_FLOATING_TYPES(acc, "bn_backward_apply_cpu_constants", [&] {
+      using acc_t = scalar_t;
+      const at::Tensor v = channel_acc(var, acc);
+      const at::Tensor wt = channel_acc(weight, acc);
+      const at::Tensor s1 = channel_acc(sum_dy, acc);
+      const at::Tensor s2 = channel_acc(sum_dy_xmu, acc);
+      const acc_t* vp = acc_data<acc_t>(v);
+      const acc_t* wp = acc_data<acc_t>(wt);
+      const acc_t* s1p = acc_data<acc_t>(s1);
+      const acc_t* s2p = acc_data<acc_t>(s2);
+      acc_t* kd = k_dy.mutable_data_ptr<acc_t>();
+      acc_t* kx = train ? k_xmu.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* kc = train ? k_const.mutable_data_ptr<acc_t>() : nullptr;
+      const acc_t n = static_cast<acc_t>(count);
+      for (int64_t i = 0; i < c; ++i) {
+        const acc_t inv = invstd_of(vp[i], eps);
+        kd[i] = wp != nullptr ? wp[i] * inv : inv;
+        if (train) {
+          // w invstd (dy - sum_dy / n - (x - mean) invstd^2 sum_dy_xmu / n), distributed.
+          kx[i] = -kd[i] * (inv * inv * (s2p[i] / n));
+          kc[i] = -kd[i] * (s1p[i] / n);
+        }
+      }
+    });
+  }
+
+  const at::TensorOptions out_opts = input.options().memory_format(w.format);
+  at::Tensor grad_input = need_grad_input ? at::empty(input.sizes(), out_opts) : empty;
+  at::Tensor grad_residual = need_grad_residual ? at::empty(input.sizes(), out_opts) : empty;
+  if (input.numel() > 0) {
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
+    kernels().backward_apply(
+        input.scalar_type(), w.geometry,
+        BackwardApplyArgs{g.const_data_ptr(), m.const_data_ptr<uint8_t>(), m.numel(),
+                          read_x ? x.const_data_ptr() : nullptr, ptr(mean_acc), ptr(k_dy),
+                          ptr(k_xmu), ptr(k_const),
+                          need_grad_input ? grad_input.mutable_data_ptr() : nullptr,
+                          need_grad_residual ? grad_residual.mutable_data_ptr() : nullptr});
+  }
+  return {grad_input, grad_residual};
+}
+
+}  // namespace
+}  // namespace fused_residual::cpu
+
+TORCH_LIBRARY_IMPL(fused_residual, CPU, m) {
+  m.impl("bn_stats", &fused_residual::cpu::bn_stats_cpu);
+  m.impl("bn_update_running_stats", &fused_residual::cpu::bn_update_running_stats_cpu);
+  m.impl("bn_apply", &fused_residual::cpu::bn_apply_cpu);
+  m.impl("bn_backward_reduce", &fused_residual::cpu::bn_backward_reduce_cpu);
+  m.impl("bn_backward_apply", &fused_residual::cpu::bn_backward_apply_cpu);
+}

@@ -1,0 +1,289 @@
+// bn_stats kernels: per-channel mean and population variance.
+//
+// Math: each fixed block (a piece of one NCHW row, or a group of channels_last rows) gets a
+// corrected two-pass result: m0 = sum(x) / n_b rounded to acc; d = x - m0 in acc;
+// mean_b = m0 + sum(d) / n_b; M2_b = sum(d^2) - sum(d)^2 / n_b (short acc vector sums,
+// added up in double). The blocks' (n_b, mean_b, M2_b) are then merged per channel in block
+// order with Chan's formula in double. Never E[x^2] - E[x]^2: with a mean offset of 1e4 and
+// std 1, d = x - m0 is exact in float and the variance keeps full float precision.
+// Bytes: one read of x from memory (numel * sizeof(scalar_t)); the second pass re-reads the
+// block from L1/L2. Partials are 16 bytes per block and channel.
+#pragma once
+
+#include <vector>
+
+#include "cpu/bn_kernel_utils.h"
+
+namespace fused_residual::cpu::FUSED_RESIDUAL_ISA {
+namespace {
+
+// Chan's merge of a block (count_b, mean_b, m2_b) into the running (count, mean, m2).
+inline void chan_merge(double& count, double& mean, double& m2, double count_b, double mean_b,
+                       double m2_b) {
+  const double total = count + count_b;
+  const double delta = mean_b - mean;
+  const double frac_b = count_b / total;
+  mean += delta * frac_b;
+  m2 += m2_b + delta * delta * count * frac_b;
+  count = total;
+}
+
+// Mean and M2 of the contiguous run p[0, len), len >= 1, corrected two-pass. Vector
+// accumulators cover kInnerLen elements at a time, their lane sums go to double.
+template <typename scalar_t>
+void contiguous_moments(const scalar_t* p, int64_t len, double& mean, double& m2) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t vlen = len - len % L;  // covered by whole vectors
+  const Vec zero(acc_t(0));
+
+  double sum = 0;
+  for (int64_t s = 0; s < vlen; s += kInnerLen) {
+    const int64_t e = std::min(vlen, s + kInnerLen);
+    Vec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    int64_t i = s;
+    for (; i + 4 * L <= e; i += 4 * L) {
+      a0 += IO::load(p + i);
+      a1 += IO::load(p + i + L);
+      a2 += IO::load(p + i + 2 * L);
+      a3 += IO::load(p + i + 3 * L);
+    }
+    for (; i < e; i += L) {
+      a0 += IO::load(p + i);
+    }
+    sum += static_cast<double>(sum_lanes((a0 + a1) + (a2 + a3)));
+  }
+  for (int64_t i = vlen; i < len; ++i) {
+    sum += static_cast<double>(p[i]);
+  }
+  const double n = static_cast<double>(len);
+  const acc_t m0 = static_cast<acc_t>(sum / n);
+
+  const Vec vm0(m0);
+  double sd = 0, sq = 0;
+  for (int64_t s = 0; s < vlen; s += kInnerLen) {
+    const int64_t e = std::min(vlen, s + kInnerLen);
+    // Four independent (d, d^2) accumulator pairs hide the add/FMA latency.
+    Vec d0 = zero, d1 = zero, d2 = zero, d3 = zero;
+    Vec q0 = zero, q1 = zero, q2 = zero, q3 = zero;
+    int64_t i = s;
+    for (; i + 4 * L <= e; i += 4 * L) {
+      prefetch_span(p + len + i, 4 * L);  // the next block (blocks are contiguous)
+      const Vec a0 = IO::load(p + i) - vm0;
+      const Vec a1 = IO::load(p + i + L) - vm0;
+      const Vec a2 = IO::load(p + i + 2 * L) - vm0;
+      const Vec a3 = IO::load(p + i + 3 * L) - vm0;
+      d0 += a0;
+      d1 += a1;
+      d2 += a2;
+      d3 += a3;
+      q0 = at::vec::fmadd(a0, a0, q0);
+      q1 = at::vec::fmadd(a1, a1, q1);
+      q2 = at::vec::fmadd(a2, a2, q2);
+      q3 = at::vec::fmadd(a3, a3, q3);
+    }
+    for (; i < e; i += L) {
+      const Vec a = IO::load(p + i) - vm0;
+      d0 += a;
+      q0 = at::vec::fmadd(a, a, q0);
+    }
+    sd += static_cast<double>(sum_lanes((d0 + d1) + (d2 + d3)));
+    sq += static_cast<double>(sum_lanes((q0 + q1) + (q2 + q3)));
+  }
+  for (int64_t i = vlen; i < len; ++i) {
+    const acc_t a = static_cast<acc_t>(p[i]) - m0;
+    sd += static_cast<double>(a);
+    sq += static_cast<double>(a) * static_cast<double>(a);
+  }
+  mean = static_cast<double>(m0) + sd / n;
+  m2 = std::max(0.0, sq - sd * sd / n);
+}
+
+// NCHW: blocks are pieces of the (n, c) rows; partials at [row * pieces + j]; channel c
+// merges rows n = 0 .. N-1 (pieces in order) of its own.
+template <typename scalar_t>
+void stats_nchw(const scalar_t* x, const Geometry& g, at::opmath_type<scalar_t>* mean_out,
+                at::opmath_type<scalar_t>* var_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowPieces rp(g.hw);
+  const int64_t nblocks = g.n * g.c * rp.pieces;
+  std::vector<double> pmean(nblocks), pm2(nblocks);
+
+  at::parallel_for(0, nblocks, block_grain(rp.piece_len), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = b / rp.pieces;
+      const int64_t j = b - row * rp.pieces;
+      contiguous_moments(x + row * g.hw + rp.start(j), rp.length(j, g.hw), pmean[b], pm2[b]);
+    }
+  });
+
+  at::parallel_for(0, g.c, 16, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double count = 0, mean = 0, m2 = 0;
+      for (int64_t n = 0; n < g.n; ++n) {
+        const int64_t base = (n * g.c + c) * rp.pieces;
+        for (int64_t j = 0; j < rp.pieces; ++j) {
+          chan_merge(count, mean, m2, static_cast<double>(rp.length(j, g.hw)), pmean[base + j],
+                     pm2[base + j]);
+        }
+      }
+      mean_out[c] = static_cast<acc_t>(mean);
+      var_out[c] = static_cast<acc_t>(m2 / count);
+    }
+  });
+}
+
+// channels_last: blocks of rows of C values; accumulators are ChannelSlots arrays (vectors
+// over channels, in L1). Partials at [b * C + c].
+template <typename scalar_t>
+void stats_channels_last(const scalar_t* x, const Geometry& g,
+                         at::opmath_type<scalar_t>* mean_out,
+                         at::opmath_type<scalar_t>* var_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t C = g.c;
+  const RowBlocks blocks(g.n * g.hw, C);
+  const ChannelSlots slots(C, L);
+  const int64_t P = slots.period;
+  const int64_t win_rows = slots.window_rows();
+  const Vec zero(acc_t(0));
+  std::vector<double> pmean(blocks.nblocks * C), pm2(blocks.nblocks * C);
+
+  at::parallel_for(0, blocks.nblocks, block_grain(blocks.rows_per_block * C), [&](int64_t begin,
+                                                                                  int64_t end) {
+    std::vector<acc_t> inner(3 * P + C);
+    acc_t* m0s = inner.data();  // the block's first-pass mean, per slot
+    acc_t* in1 = m0s + P;       // inner sums of x (pass 1) or d (pass 2), per slot
+    acc_t* in2 = in1 + P;       // inner sums of d^2, per slot
+    acc_t* m0 = in2 + P;        // the block's first-pass mean, per channel
+    std::vector<double> outer(3 * C);
+    double* sum = outer.data();
+    double* sd = sum + C;
+    double* sq = sd + C;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = blocks.first(b);
+      const int64_t r_end = r0 + blocks.count(b);
+      const int64_t block_len = (r_end - r0) * C;
+      std::fill(outer.begin(), outer.end(), 0.0);
+
+      for (int64_t rs = r0; rs < r_end; rs += win_rows) {
+        const int64_t re = std::min(r_end, rs + win_rows);
+        const int64_t ws = rs * C;
+        const int64_t wp = ws + slots.whole_periods((re - rs) * C);
+        std::fill(in1, in1 + P, acc_t(0));
+        for (int64_t t = 0; wp > ws && t < P; t += L) {
+          Vec a0 = zero, a1 = zero;
+          int64_t e = ws + t;
+          for (; e + P < wp; e += 2 * P) {
+            a0 += IO::load(x + e);
+            a1 += IO::load(x + e + P);
+          }
+          if (e < wp) {
+            a0 += IO::load(x + e);
+          }
+          (a0 + a1).store(in1 + t);
+        }
+        slots.walk<L>(
+            wp, re * C,
+            [&](int64_t e, int64_t t) {
+              (Vec::loadu(in1 + t) + IO::load(x + e)).store(in1 + t);
+            },
+            [&](int64_t e, int64_t t) { in1[t] += static_cast<acc_t>(x[e]); });
+        slots.fold_into(sum, in1);
+      }
+      const double n = static_cast<double>(r_end - r0);
+      for (int64_t c = 0; c < C; ++c) {
+        m0[c] = static_cast<acc_t>(sum[c] / n);
+      }
+      slots.expand(m0, m0s);
+
+      for (int64_t rs = r0; rs < r_end; rs += win_rows) {
+        const int64_t re = std::min(r_end, rs + win_rows);
+        const int64_t ws = rs * C;
+        const int64_t wp = ws + slots.whole_periods((re - rs) * C);
+        prefetch_span(x + ws + block_len, (re - rs) * C);  // this window of the next block
+        std::fill(in1, in1 + 2 * P, acc_t(0));
+        for (int64_t t = 0; wp > ws && t < P; t += L) {
+          const Vec vm0 = Vec::loadu(m0s + t);
+          Vec d0 = zero, d1 = zero, q0 = zero, q1 = zero;
+          int64_t e = ws + t;
+          for (; e + P < wp; e += 2 * P) {
+            const Vec a = IO::load(x + e) - vm0;
+            const Vec b = IO::load(x + e + P) - vm0;
+            d0 += a;
+            d1 += b;
+            q0 = at::vec::fmadd(a, a, q0);
+            q1 = at::vec::fmadd(b, b, q1);
+          }
+          if (e < wp) {
+            const Vec a = IO::load(x + e) - vm0;
+            d0 += a;
+            q0 = at::vec::fmadd(a, a, q0);
+          }
+          (d0 + d1).store(in1 + t);
+          (q0 + q1).store(in2 + t);
+        }
+        slots.walk<L>(
+            wp, re * C,
+            [&](int64_t e, int64_t t) {
+              const Vec d = IO::load(x + e) - Vec::loadu(m0s + t);
+              (Vec::loadu(in1 + t) + d).store(in1 + t);
+              at::vec::fmadd(d, d, Vec::loadu(in2 + t)).store(in2 + t);
+            },
+            [&](int64_t e, int64_t t) {
+              const acc_t d = static_cast<acc_t>(x[e]) - m0s[t];
+              in1[t] += d;
+              in2[t] += d * d;
+            });
+        slots.fold_into(sd, in1);
+        slots.fold_into(sq, in2);
+      }
+
+      for (int64_t c = 0; c < C; ++c) {
+        pmean[b * C + c] = static_cast<double>(m0[c]) + sd[c] / n;
+        pm2[b * C + c] = std::max(0.0, sq[c] - sd[c] * sd[c] / n);
+      }
+    }
+  });
+
+  // Merge in block order; channels are independent, so split them across threads.
+  at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+    const int64_t w = ce - cb;
+    std::vector<double> state(3 * w, 0.0);
+    double* count = state.data();
+    double* mean = count + w;
+    double* m2 = mean + w;
+    for (int64_t b = 0; b < blocks.nblocks; ++b) {
+      const double nb = static_cast<double>(blocks.count(b));
+      const double* bm = pmean.data() + b * C + cb;
+      const double* bq = pm2.data() + b * C + cb;
+      for (int64_t c = 0; c < w; ++c) {
+        chan_merge(count[c], mean[c], m2[c], nb, bm[c], bq[c]);
+      }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      mean_out[cb + c] = static_cast<acc_t>(mean[c]);
+      var_out[cb + c] = static_cast<acc_t>(m2[c] / count[c]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void stats_typed(const Geometry& g, const StatsArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  auto* mean = static_cast<acc_t*>(a.mean);
+  auto* var = static_cast<acc_t*>(a.var);
+  if (g.channels_last) {
+    stats_channels_last(x, g, mean, var);
+  } else {
+    stats_nchw(x, g, mean, var);
+  }
+}
+
+}  // namespace
+}  // namespace fused_residual::cpu::FUSED_RESIDUAL_ISA

@@ -1,0 +1,127 @@
+// CUDA kernel of bn_apply (docs/op_layer.md): the fused normalize + affine + residual add +
+// ReLU forward, with the packed 1-bit ReLU mask.
+#include "common.cuh"
+
+namespace fused_residual {
+namespace cuda {
+namespace {
+
+// Per group of 8 consecutive memory-order elements (one mask byte):
+//   y = (x - mean_c) * (invstd_c * w_c) + b_c (+ r),  out = y < 0 ? 0 : y (NaN propagates),
+//   mask bit i = (y > 0).
+// Computed in acc with the reference's operation order and no FMA contraction (add_rn & co.),
+// rounded once to T. Bytes per element: sizeof(T) read x, sizeof(T) read r (if any),
+// sizeof(T) write out, 1/8 write mask (if saved). Per-channel constants come from a few
+// L1-resident acc vectors (C values each).
+template <typename T>
+struct ApplyOp {
+  using A = acc_of<T>;
+  struct Params {
+    A mean, scale, shift;
+  };
+  const T* __restrict__ x;
+  const T* __restrict__ r;  // nullptr: no residual
+  T* __restrict__ out;
+  uint8_t* __restrict__ mask;  // nullptr: save_mask = false
+  const A* __restrict__ mean;
+  const A* __restrict__ var;
+  const A* __restrict__ weight;  // nullptr: w = 1
+  const A* __restrict__ bias;    // nullptr: b = 0
+  A eps;
+  bool vec;  // x, r and out are 16-byte aligned
+
+  __device__ __forceinline__ Params params(int64_t c) const {
+    const A invstd = rsqrt_acc(add_rn(var[c], eps));
+    Params p;
+    p.mean = mean[c];
+    p.scale = weight != nullptr ? mul_rn(invstd, weight[c]) : invstd;
+    // The reference adds b = 0 when bias is absent, which turns a -0 product into +0; adding
+    // the 0 here too keeps the output bitwise equal.
+    p.shift = bias != nullptr ? bias[c] : A(0);
+    return p;
+  }
+
+  __device__ __forceinline__ void group(int64_t e0, int n, const Params (&p)[8]) const {
+    const bool full = vec && n == 8;  // 128-bit path: e0 % 8 == 0 keeps 16-byte alignment
+    T xv[8];
+    load8(x + e0, full, n, xv);
+    T rv[8];
+    if (r != nullptr) load8(r + e0, full, n, rv);
+    T ov[8];
+    unsigned bits = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      A y = add_rn(mul_rn(sub_rn(static_cast<A>(xv[i]), p[i].mean), p[i].scale), p[i].shift);
+      if (r != nullptr) y = add_rn(y, static_cast<A>(rv[i]));
+      ov[i] = static_cast<T>(y < A(0) ? A(0) : y);
+      // Bit i of the byte is element e0 + i (LSB first); bits past the tensor's end stay 0.
+      bits |= (i < n && y > A(0)) ? (1u << i) : 0u;
+    }
+    store8(out + e0, full, n, ov);
+    if (mask != nullptr) mask[e0 >> 3] = static_cast<uint8_t>(bits);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> bn_apply_cuda(const at::Tensor& input_arg,
+                                                 const std::optional<at::Tensor>& residual_arg,
+                                                 const at::Tensor& mean_arg,
+                                                 const at::Tensor& var_arg,
+                                                 const std::optional<at::Tensor>& weight_arg,
+                                                 const std::optional<at::Tensor>& bias_arg,
+                                                 double eps, bool save_mask) {
+  check_input(input_arg);
+  check_device_type(input_arg, c10::DeviceType::CUDA, "input");
+  const int64_t channels = input_arg.size(1);
+  const at::Device device = input_arg.device();
+  if (residual_arg.has_value()) check_like_input(*residual_arg, input_arg, "residual");
+  check_per_channel(mean_arg, channels, device, "mean");
+  check_per_channel(var_arg, channels, device, "var");
+  check_per_channel(weight_arg, channels, device, "weight");
+  check_per_channel(bias_arg, channels, device, "bias");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::MemoryFormat layout = working_layout(input_arg);
+  const at::Tensor input = input_arg.contiguous(layout);
+  const at::Tensor residual =
+      residual_arg.has_value() ? residual_arg->contiguous(layout) : at::Tensor();
+  const Geometry g = geometry_of(input, layout);
+  at::Tensor out = at::empty(input.sizes(), input.options(), layout);
+  at::Tensor mask = at::empty({save_mask ? ceil_div(g.numel, 8) : 0},
+                              input.options().dtype(at::kByte));
+  if (g.numel == 0) return {out, mask};
+
+  const at::ScalarType acc = acc_type(input.scalar_type());
+  const at::Tensor mean = to_acc(mean_arg, acc);
+  const at::Tensor var = to_acc(var_arg, acc);
+  const at::Tensor weight = to_acc(weight_arg, acc);
+  const at::Tensor bias = to_acc(bias_arg, acc);
+  const int sms = sm_count(input.get_device());
+  const cudaStream_t stream = current_stream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fused_residual::bn_apply", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    ApplyOp<T> op;
+    op.x = input.const_data_ptr<T>();
+    op.r = ptr_or_null<T>(residual);
+    op.out = out.mutable_data_ptr<T>();
+    op.mask = save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+    op.mean = mean.const_data_ptr<A>();
+    op.var = var.const_data_ptr<A>();
+    op.weight = ptr_or_null<A>(weight);
+    op.bias = ptr_or_null<A>(bias);
+    op.eps = static_cast<A>(eps);
+    op.vec = aligned16(op.x) && aligned16(op.out) && (op.r == nullptr || aligned16(op.r));
+    launch_elementwise(op, g, sms, stream);
+  });
+  return {out, mask};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_residual
+
+TORCH_LIBRARY_IMPL(fused_residual, CUDA, m) {
+  m.impl("bn_apply", &fused_residual::cuda::bn_apply_cuda);
+}
