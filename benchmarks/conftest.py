@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from bench_common import RESULTS, fill_speedups, measure_copy_bandwidth, summary_lines
+from bench_common import (
+    COPY,
+    DEVICE,
+    RESULTS,
+    device_name,
+    fill_speedups,
+    measure_copy_bandwidth,
+    summary_lines,
+)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +33,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line("")
     for line in summary_lines():
         terminalreporter.write_line(line)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Name the device, versions and copy bandwidth in the JSON, for scripts/bench_report.py."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    machine_info["fused_residual"] = {
+        "device": DEVICE,
+        "device_name": device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "copy_GBps": round(COPY["GBps"], 1) if "GBps" in COPY else None,
+    }
