@@ -73,11 +73,13 @@ def test_one_value_per_channel_in_training(backend, shape):
     assert bn(torch.randn(shape, device=DEVICE)).shape == shape
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
-def test_device_mismatch(backend):
+@pytest.mark.parametrize("name", ["residual", "weight", "running_var"])
+def test_device_mismatch(backend, name):
+    # Without a second real device, a meta tensor stands in: the check is on the device alone.
     kwargs = args()
-    kwargs["weight"] = kwargs["weight"].cpu() if DEVICE == "cuda" else kwargs["weight"].cuda()
-    with pytest.raises(ValueError, match="weight is on"):
+    other = "cpu" if DEVICE == "cuda" else "meta"
+    kwargs[name] = kwargs[name].to(other)
+    with pytest.raises(ValueError, match=f"{name} is on {other}"):
         call(backend, **kwargs)
 
 
