@@ -35,4 +35,8 @@ TORCH_LIBRARY(fused_residual, m) {
       "bn_backward_apply(Tensor grad_out, Tensor mask, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? sum_dy, Tensor? sum_dy_xmu, float eps, int count, "
       "bool need_grad_input, bool need_grad_residual) -> (Tensor grad_input, Tensor grad_residual)");
+  m.def(
+      "bn_dual_apply(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+      "Tensor input2, Tensor mean2, Tensor var2, Tensor? weight2, Tensor? bias2, float eps, "
+      "float eps2, bool save_mask) -> (Tensor out, Tensor mask)");
 }

@@ -1,11 +1,20 @@
 """fused_residual: BatchNorm2d + residual add + ReLU fused into single memory-bound passes.
 
-Public API: `bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`, `available_backends`.
+Public API: `bn_add_relu`, `dual_bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`,
+`convert` (fuse a torchvision ResNet in place), `available_backends`.
 """
 
 from .backends import available_backends
-from .functional import bn_add_relu
+from .convert import convert
+from .functional import bn_add_relu, dual_bn_add_relu
 from .modules import BatchNormAddReLU2d, FusedResidualBlock
 
-__all__ = ["BatchNormAddReLU2d", "FusedResidualBlock", "available_backends", "bn_add_relu"]
+__all__ = [
+    "BatchNormAddReLU2d",
+    "FusedResidualBlock",
+    "available_backends",
+    "bn_add_relu",
+    "convert",
+    "dual_bn_add_relu",
+]
 __version__ = "0.1.0"

@@ -1,22 +1,58 @@
-"""The one autograd.Function that composes a fused backend's primitive ops.
+"""The autograd.Functions that compose a fused backend's primitive ops.
 
-Forward: statistics (training only), running-stat update, then the fused
-normalize + add + ReLU apply. Backward: the per-channel reduction, then the fused
-elementwise step: the fused BatchNorm-add-ReLU backward, not autograd through the pieces.
-It saves only the input, the packed 1-bit ReLU mask and per-channel mean/var (plus a
-reference to the weight), so the bytes saved are about (1 + 1/(8·itemsize))x the input's.
+`FusedBatchNormAddReLU`, relu(batch_norm(input) + residual). Forward: statistics (training
+only), running-stat update, then the fused normalize + add + ReLU apply. Backward: the
+per-channel reduction, then the fused elementwise step: the fused BatchNorm-add-ReLU
+backward, not autograd through the pieces. It saves only the input, the packed 1-bit ReLU
+mask and per-channel mean/var (plus a reference to the weight), so the bytes saved are
+about (1 + 1/(8·itemsize))x the input's.
+
+`FusedDualBatchNormAddReLU`, relu(batch_norm(input) + batch_norm(input2)): the tail of a
+downsampling block, whose residual is itself a BatchNorm's output. Forward: statistics and
+running-stat update of each BatchNorm, then one `bn_dual_apply` pass. Backward: the gradient
+of the pre-ReLU sum, dy = grad_out * mask, flows unchanged into both BatchNorms, so each
+runs the single-BatchNorm backward (reduce, then apply with no residual gradient) on the
+shared mask. Both Functions build on the same per-BatchNorm steps (`batch_statistics`,
+`bn_backward`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .backends import backend_ops
+from .backends import BackendOps, backend_ops
+from .reference import working_layout
 
 
 def values_per_channel(input: Tensor) -> int:
     return input.shape[0] * input.shape[2] * input.shape[3]
+
+
+def batch_statistics(
+    ops: BackendOps,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+) -> tuple[Tensor, Tensor]:
+    """The (mean, var) one BatchNorm normalizes with: the batch's (updating the running
+    statistics when there are any) in training, the running statistics in eval.
+
+    A SyncBatchNorm would all-reduce (mean, var, count) between `stats` and the update.
+    """
+    if training:
+        mean, var = ops.stats(input)
+        if running_mean is not None and running_var is not None:
+            ops.update_running_stats(
+                mean, var, values_per_channel(input), running_mean, running_var, momentum
+            )
+        return mean, var
+    assert running_mean is not None and running_var is not None
+    return running_mean, running_var
 
 
 def fused_forward(
@@ -32,22 +68,80 @@ def fused_forward(
     eps: float,
     save_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward's op sequence; returns (out, mask, mean, var) with mean/var the ones used.
-
-    A SyncBatchNorm would all-reduce (mean, var, count) between `stats` and the rest.
-    """
+    """The forward's op sequence; returns (out, mask, mean, var) with mean/var the ones used."""
     ops = backend_ops(ops_name)
-    if training:
-        mean, var = ops.stats(input)
-        if running_mean is not None and running_var is not None:
-            ops.update_running_stats(
-                mean, var, values_per_channel(input), running_mean, running_var, momentum
-            )
-    else:
-        assert running_mean is not None and running_var is not None
-        mean, var = running_mean, running_var
+    mean, var = batch_statistics(ops, input, running_mean, running_var, training, momentum)
     out, mask = ops.apply(input, residual, mean, var, weight, bias, eps, save_mask)
     return out, mask, mean, var
+
+
+@dataclass(frozen=True)
+class BatchNormArgs:
+    """One BatchNorm's tensors and options, as F.batch_norm takes them."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    training: bool
+    momentum: float
+    eps: float
+
+
+def fused_dual_forward(
+    ops_name: str, input: Tensor, bn: BatchNormArgs, input2: Tensor, bn2: BatchNormArgs, save_mask: bool
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The two-BatchNorm forward: statistics of each, then one bn_dual_apply; returns
+    (out, mask, (mean, var), (mean2, var2))."""
+    ops = backend_ops(ops_name)
+    stats = batch_statistics(ops, input, bn.running_mean, bn.running_var, bn.training, bn.momentum)
+    stats2 = batch_statistics(ops, input2, bn2.running_mean, bn2.running_var, bn2.training, bn2.momentum)
+    out, mask = ops.dual_apply(input, *stats, bn.weight, bn.bias, input2, *stats2, bn2.weight, bn2.bias,
+                               bn.eps, bn2.eps, save_mask)
+    return out, mask, stats, stats2
+
+
+def bn_backward(
+    ops: BackendOps,
+    grad_out: Tensor,
+    mask: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias_dtype: torch.dtype | None,
+    training: bool,
+    eps: float,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """One BatchNorm's backward from the output gradient and the saved ReLU mask.
+
+    `needs` = which of (grad_input, grad_residual, grad_weight, grad_bias) are wanted; returns
+    them (None where not wanted). In training the batch statistics depend on the input, so
+    grad_input needs the per-channel sums of dy and dy·(x - mean); in eval it does not.
+    """
+    need_input, need_residual, need_weight, need_bias = needs
+    sum_dy = sum_dy_xmu = grad_weight = grad_bias = None
+    if (training and need_input) or need_weight or need_bias:
+        # A SyncBatchNorm would all-reduce sum_dy and sum_dy_xmu here.
+        sum_dy, sum_dy_xmu, grad_weight = ops.backward_reduce(grad_out, mask, input, mean, var, eps)
+    grad_input = grad_residual = None
+    if need_input or need_residual:
+        grad_input, grad_residual = ops.backward_apply(
+            grad_out, mask, input, mean, var, weight,
+            sum_dy if training else None,
+            sum_dy_xmu if training else None,
+            eps, values_per_channel(input), need_input, need_residual,
+        )
+    grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+    if need_bias:
+        grad_bias = sum_dy.to(bias_dtype)
+    return (
+        grad_input if need_input else None,
+        grad_residual if need_residual else None,
+        grad_weight,
+        grad_bias,
+    )
 
 
 class FusedBatchNormAddReLU(torch.autograd.Function):
@@ -81,32 +175,69 @@ class FusedBatchNormAddReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         input, mask, mean, var, weight = ctx.saved_tensors
-        need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-        ops = backend_ops(ctx.ops_name)
-        sum_dy = sum_dy_xmu = grad_weight = grad_bias = None
-        if (ctx.training and need_input) or need_weight or need_bias:
-            # A SyncBatchNorm would all-reduce sum_dy and sum_dy_xmu here.
-            sum_dy, sum_dy_xmu, grad_weight = ops.backward_reduce(
-                grad_out, mask, input, mean, var, ctx.eps
-            )
-        grad_input = grad_residual = None
-        if need_input or need_residual:
-            grad_input, grad_residual = ops.backward_apply(
-                grad_out, mask, input, mean, var, weight,
-                sum_dy if ctx.training else None,
-                sum_dy_xmu if ctx.training else None,
-                ctx.eps, values_per_channel(input), need_input, need_residual,
-            )
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        else:
-            grad_weight = None
-        if need_bias:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        return (
-            grad_input if need_input else None,
-            grad_residual if need_residual else None,
-            grad_weight,
-            grad_bias,
-            None, None, None, None, None, None,
+        grads = bn_backward(
+            backend_ops(ctx.ops_name), grad_out, mask, input, mean, var, weight, ctx.bias_dtype,
+            ctx.training, ctx.eps, tuple(ctx.needs_input_grad[:4]),
         )
+        return (*grads, None, None, None, None, None, None)
+
+
+class FusedDualBatchNormAddReLU(torch.autograd.Function):
+    """relu(batch_norm(input) + batch_norm(input2)) with a fused backward; see module docstring.
+
+    Saves both inputs, the one shared mask and each BatchNorm's mean/var: no normalized
+    tensor and no sum is kept.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        input2: Tensor,
+        weight2: Tensor | None,
+        bias2: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        running_mean2: Tensor | None,
+        running_var2: Tensor | None,
+        training: bool,
+        training2: bool,
+        momentum: float,
+        momentum2: float,
+        eps: float,
+        eps2: float,
+        ops_name: str,
+    ) -> Tensor:
+        # Flat arguments (no containers): what autograd.Function.apply and torch.compile's
+        # tracing of it handle best.
+        bn = BatchNormArgs(running_mean, running_var, weight, bias, training, momentum, eps)
+        bn2 = BatchNormArgs(running_mean2, running_var2, weight2, bias2, training2, momentum2, eps2)
+        out, mask, (mean, var), (mean2, var2) = fused_dual_forward(
+            ops_name, input, bn, input2, bn2, save_mask=True
+        )
+        # The mask is in input's working layout (memory order), and the backward ops read a
+        # mask in their input's: input2 is saved in input's layout (no copy when it is).
+        input2 = input2.contiguous(memory_format=working_layout(input))
+        ctx.save_for_backward(input, input2, mask, mean, var, mean2, var2, weight, weight2)
+        ctx.training = (training, training2)
+        ctx.eps = (eps, eps2)
+        ctx.bias_dtype = tuple(b.dtype if b is not None else None for b in (bias, bias2))
+        ctx.ops_name = ops_name
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        input, input2, mask, mean, var, mean2, var2, weight, weight2 = ctx.saved_tensors
+        ops = backend_ops(ctx.ops_name)
+        needs = ctx.needs_input_grad
+        grads = []
+        for i, (x, m, v, w) in enumerate(((input, mean, var, weight), (input2, mean2, var2, weight2))):
+            need_input, need_weight, need_bias = needs[3 * i: 3 * i + 3]
+            grad_input, _, grad_weight, grad_bias = bn_backward(
+                ops, grad_out, mask, x, m, v, w, ctx.bias_dtype[i], ctx.training[i], ctx.eps[i],
+                (need_input, False, need_weight, need_bias),
+            )
+            grads += [grad_input, grad_weight, grad_bias]
+        return (*grads, *([None] * 11))

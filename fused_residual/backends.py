@@ -1,8 +1,11 @@
 """Backend registry: which set of primitive ops runs a call, chosen per call and device.
 
-A fused backend is five `torch.library` ops with the same signatures (docs/op_layer.md):
+A fused backend is six `torch.library` ops with the same signatures (docs/op_layer.md):
 the extension's `fused_residual::bn_*` and the Triton backend's `fused_residual::triton_bn_*`.
 "reference" is eager PyTorch and "auto" picks the fastest one available for the device.
+Where the chosen backend has no kernel of `bn_dual_apply` (the two-BatchNorm tail) for a
+device (`dual_apply_served`), the two-BatchNorm functional computes the second BatchNorm
+unfused and runs the single-BatchNorm fused op.
 Nothing here is swapped by import-time globals: each call names its backend, and the
 choice is made from the tensor's device.
 """
@@ -30,6 +33,7 @@ class BackendOps:
     apply: torch._ops.OpOverload
     backward_reduce: torch._ops.OpOverload
     backward_apply: torch._ops.OpOverload
+    dual_apply: torch._ops.OpOverload
 
 
 _OP_PREFIX = {"extension": "", "triton": "triton_"}
@@ -57,6 +61,19 @@ def _extension_serves(device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fused_residual::bn_apply", key
     )
+
+
+# Constant under torch.compile, like resolve_backend: no graph break.
+@torch.compiler.assume_constant_result
+def dual_apply_served(name: str, device_type: str) -> bool:
+    """Whether fused backend `name` has a `bn_dual_apply` kernel for `device_type`: the
+    extension where its build registered one for that dispatch key (CPU and CUDA builds
+    do), the Triton backend wherever it runs."""
+    if name == "extension":
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        return (_extension_serves(device_type) and key is not None
+                and torch._C._dispatch_has_kernel_for_dispatch_key("fused_residual::bn_dual_apply", key))
+    return _serves(name, device_type)
 
 
 def _triton_serves(device_type: str) -> bool:

@@ -1,13 +1,22 @@
-"""`bn_add_relu`: the functional entry point, its argument checks and the backend choice."""
+"""The functional entry points, their argument checks and the backend choice:
+`bn_add_relu` (one BatchNorm, an optional residual) and `dual_bn_add_relu` (two BatchNorms
+feeding one add: the tail of a downsampling residual block)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import FusedBatchNormAddReLU, fused_forward
-from .backends import resolve_backend
-from .reference import bn_add_relu_reference
+from .autograd import (
+    BatchNormArgs,
+    FusedBatchNormAddReLU,
+    FusedDualBatchNormAddReLU,
+    fused_dual_forward,
+    fused_forward,
+)
+from .backends import dual_apply_served, resolve_backend
+from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -29,6 +38,18 @@ def _check_per_channel(t: Tensor | None, name: str, input: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
 
 
+def check_like_input(t: Tensor, name: str, input: Tensor) -> None:
+    """`t` (a residual, a second BatchNorm's input) must match `input` in shape, dtype, device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.shape != input.shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} does not match input shape {tuple(input.shape)}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} does not match input dtype {input.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+
 def check_arguments(
     input: Tensor,
     residual: Tensor | None,
@@ -38,8 +59,14 @@ def check_arguments(
     bias: Tensor | None,
     training: bool,
     eps: float,
+    *,
+    suffix: str = "",
 ) -> None:
-    """Raise a TypeError/ValueError naming the problem for any argument a kernel cannot take."""
+    """Raise a TypeError/ValueError naming the problem for any argument a kernel cannot take.
+
+    `suffix` is appended to the argument names in messages ("2": the second BatchNorm of
+    `dual_bn_add_relu`, whose input was already checked against the first's).
+    """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -48,32 +75,24 @@ def check_arguments(
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-        if residual.shape != input.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} does not match input shape "
-                             f"{tuple(input.shape)}")
-        if residual.dtype != input.dtype:
-            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype {input.dtype}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+        check_like_input(residual, "residual", input)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        _check_per_channel(t, name, input)
+        _check_per_channel(t, name + suffix, input)
+    stats = f"running_mean{suffix} and running_var{suffix}"
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
+        raise ValueError(f"{stats} must both be given or both be None")
     if not training and running_mean is None:
-        raise ValueError("running_mean and running_var must be defined in evaluation mode "
-                         "(training=False)")
+        raise ValueError(f"{stats} must be defined in evaluation mode (training{suffix}=False)")
     if eps < 0 or (training and eps == 0):
-        raise ValueError(f"eps must be positive{' in training' if training else ''}, got {eps}")
+        raise ValueError(f"eps{suffix} must be positive{' in training' if training else ''}, got {eps}")
     if training and input.numel() > 0 and input.shape[0] * input.shape[2] * input.shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(input.shape)}")
 
 
 def _empty_result(input: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> Tensor:
+                  bias: Tensor | None, relu: bool = True) -> Tensor:
     # No values: the output is empty, running stats stay as they are, and gradients (of
     # weight and bias: zeros) still flow through an autograd graph of ordinary ops.
     out = input
@@ -83,7 +102,7 @@ def _empty_result(input: Tensor, residual: Tensor | None, weight: Tensor | None,
         out = out + bias.view(1, -1, 1, 1)
     if residual is not None:
         out = out + residual
-    return torch.relu(out)
+    return torch.relu(out) if relu else out
 
 
 def bn_add_relu(
@@ -123,6 +142,75 @@ def bn_add_relu(
     # Inference: the same ops without the autograd node and without writing a mask.
     out, _, _, _ = fused_forward(
         name, input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+        save_mask=False,
+    )
+    return out
+
+
+def dual_bn_add_relu(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    input2: Tensor,
+    running_mean2: Tensor | None,
+    running_var2: Tensor | None,
+    weight2: Tensor | None = None,
+    bias2: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    training2: bool | None = None,
+    momentum2: float | None = None,
+    eps2: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused `F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training,
+    momentum, eps) + F.batch_norm(input2, running_mean2, running_var2, weight2, bias2,
+    training2, momentum2, eps2))`: the tail of a downsampling residual block, whose shortcut
+    is a 1x1 conv and a BatchNorm.
+
+    One pass reads both inputs and writes the output (and a 1-bit ReLU mask for the
+    backward), where eager PyTorch writes and rereads both normalized tensors and their sum.
+    `training2`, `momentum2` and `eps2` default to the first BatchNorm's. Running statistics
+    are updated in place in training, as F.batch_norm does. Differentiable with respect to
+    both inputs, weights and biases. `input2` must have input's shape, dtype and device; any
+    strides. Where the chosen backend has no `bn_dual_apply` kernel for the device
+    (`backends.dual_apply_served`), the second BatchNorm runs unfused (F.batch_norm) and its
+    output is the residual of the single-BatchNorm fused op: the same values, one pass more.
+    """
+    training2 = training if training2 is None else training2
+    momentum2 = momentum if momentum2 is None else momentum2
+    eps2 = eps if eps2 is None else eps2
+    check_arguments(input, None, running_mean, running_var, weight, bias, training, eps)
+    check_like_input(input2, "input2", input)
+    check_arguments(input2, None, running_mean2, running_var2, weight2, bias2, training2, eps2,
+                    suffix="2")
+    name = resolve_backend(backend, input.device.type)
+    if input.numel() == 0:
+        return _empty_result(input, _empty_result(input2, None, weight2, bias2, relu=False), weight, bias)
+    if name == "reference":
+        return dual_bn_add_relu_reference(
+            input, running_mean, running_var, weight, bias, input2, running_mean2, running_var2,
+            weight2, bias2, training, momentum, eps, training2, momentum2, eps2,
+        )
+    if not dual_apply_served(name, input.device.type):
+        residual = F.batch_norm(input2, running_mean2, running_var2, weight2, bias2, training2,
+                                momentum2, eps2)
+        return bn_add_relu(input, residual, running_mean, running_var, weight, bias, training,
+                           momentum, eps, backend=name)
+    tensors = (input, weight, bias, input2, weight2, bias2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return FusedDualBatchNormAddReLU.apply(
+            *tensors, running_mean, running_var, running_mean2, running_var2, training, training2,
+            momentum, momentum2, eps, eps2, name,
+        )
+    # Inference: the same ops without the autograd node and without writing a mask.
+    out, _, _, _ = fused_dual_forward(
+        name, input, BatchNormArgs(running_mean, running_var, weight, bias, training, momentum, eps),
+        input2, BatchNormArgs(running_mean2, running_var2, weight2, bias2, training2, momentum2, eps2),
         save_mask=False,
     )
     return out

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .autograd import BatchNormArgs
 from .backends import check_backend_name
 from .functional import bn_add_relu
 
@@ -41,28 +42,47 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
-        # The running-average factor, exactly as nn.modules.batchnorm._BatchNorm.forward.
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
+        args = batch_norm_call_args(self)
         if residual is not None and residual.dtype != input.dtype:
             residual = residual.to(input.dtype)
         return bn_add_relu(
             input,
             residual,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            exponential_average_factor,
-            self.eps,
+            args.running_mean,
+            args.running_var,
+            args.weight,
+            args.bias,
+            args.training,
+            args.momentum,
+            args.eps,
             backend=self.backend,
         )
+
+
+def batch_norm_call_args(bn: nn.modules.batchnorm._BatchNorm) -> BatchNormArgs:
+    """What `bn.forward` would pass to F.batch_norm, with its side effect: in training with
+    running statistics, `num_batches_tracked` is incremented (and with `momentum=None` the
+    factor is the cumulative average 1 / num_batches_tracked), exactly as
+    nn.modules.batchnorm._BatchNorm.forward does. Batch statistics are used in training and
+    when there are no running statistics; running statistics are updated (or read) unless
+    the module is training without tracking them.
+    """
+    exponential_average_factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            exponential_average_factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return BatchNormArgs(
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        exponential_average_factor,
+        bn.eps,
+    )
 
 
 class FusedResidualBlock(nn.Module):

@@ -13,7 +13,14 @@ from torch import Tensor
 
 from .reference import acc_dtype, working_layout
 
-OP_NAMES = ("bn_stats", "bn_update_running_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")
+OP_NAMES = (
+    "bn_stats",
+    "bn_update_running_stats",
+    "bn_apply",
+    "bn_backward_reduce",
+    "bn_backward_apply",
+    "bn_dual_apply",
+)
 
 
 def _load_extension() -> str | None:
@@ -22,8 +29,11 @@ def _load_extension() -> str | None:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
         return f"{type(exc).__name__}: {exc}"
-    if not hasattr(torch.ops.fused_residual, "bn_stats"):
+    missing = [name for name in OP_NAMES if not hasattr(torch.ops.fused_residual, name)]
+    if len(missing) == len(OP_NAMES):
         return "fused_residual._C loaded but registered no ops"
+    if missing:
+        return f"fused_residual._C is a stale build without the ops {missing}; rebuild it"
     return None
 
 
@@ -56,6 +66,25 @@ def fake_bn_apply(
     out = torch.empty_like(input, memory_format=working_layout(input))
     mask_bytes = (input.numel() + 7) // 8 if save_mask else 0
     return out, input.new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+def fake_bn_dual_apply(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    input2: Tensor,
+    mean2: Tensor,
+    var2: Tensor,
+    weight2: Tensor | None,
+    bias2: Tensor | None,
+    eps: float,
+    eps2: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    # Outputs are those of bn_apply on `input` (input2 only adds to y).
+    return fake_bn_apply(input, None, mean, var, weight, bias, eps, save_mask)
 
 
 def fake_bn_backward_reduce(
@@ -96,6 +125,7 @@ FAKE_KERNELS = {
     "bn_apply": fake_bn_apply,
     "bn_backward_reduce": fake_bn_backward_reduce,
     "bn_backward_apply": fake_bn_backward_apply,
+    "bn_dual_apply": fake_bn_dual_apply,
 }
 
 if EXTENSION_LOADED:

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference: the numerics every backend is tested against.
 
-`bn_add_relu_reference` is the eager composition the project replaces (and the baseline of
-every benchmark). The `*_reference` functions below are the five primitive ops of the op
+`bn_add_relu_reference` (and `dual_bn_add_relu_reference`, the two-BatchNorm tail of a
+downsampling block) is the eager composition the project replaces (and the baseline of
+every benchmark). The `*_reference` functions below are the six primitive ops of the op
 layer (docs/op_layer.md) written with plain tensor ops, so each kernel can be checked op by
 op, including its packed mask.
 """
@@ -29,6 +30,36 @@ def bn_add_relu_reference(
     if residual is not None:
         out = out + residual
     return F.relu(out)
+
+
+def dual_bn_add_relu_reference(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    input2: Tensor,
+    running_mean2: Tensor | None,
+    running_var2: Tensor | None,
+    weight2: Tensor | None,
+    bias2: Tensor | None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    training2: bool | None = None,
+    momentum2: float | None = None,
+    eps2: float | None = None,
+) -> Tensor:
+    """`relu(batch_norm(input) + batch_norm(input2))` in eager PyTorch: the tail of a
+    downsampling block (the second BatchNorm's options default to the first's)."""
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out2 = F.batch_norm(
+        input2, running_mean2, running_var2, weight2, bias2,
+        training if training2 is None else training2,
+        momentum if momentum2 is None else momentum2,
+        eps if eps2 is None else eps2,
+    )
+    return F.relu(out + out2)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,7 +136,6 @@ def bn_apply_reference(
     save_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(input.dtype)
-    layout = working_layout(input)
     c = input.shape[1]
     invstd = torch.rsqrt(var.to(acc) + eps)
     w = _per_channel(weight, acc, 1.0, c, input.device)
@@ -113,6 +143,44 @@ def bn_apply_reference(
     y = (input.to(acc) - _bcast(mean.to(acc))) * _bcast(invstd * w) + _bcast(b)
     if residual is not None:
         y = y + residual.to(acc)
+    return _relu_out(y, input, save_mask)
+
+
+def bn_dual_apply_reference(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    input2: Tensor,
+    mean2: Tensor,
+    var2: Tensor,
+    weight2: Tensor | None,
+    bias2: Tensor | None,
+    eps: float,
+    eps2: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """`bn_apply` with a second normalized input in place of the residual:
+    `y = (x - mean) * invstd * w + b + (x2 - mean2) * invstd2 * w2 + b2` in acc, then ReLU;
+    outputs in `input`'s working layout."""
+    acc = acc_dtype(input.dtype)
+    c = input.shape[1]
+
+    def normalized(x: Tensor, m: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None,
+                   e: float) -> Tensor:
+        scale = torch.rsqrt(v.to(acc) + e) * _per_channel(w, acc, 1.0, c, x.device)
+        return (x.to(acc) - _bcast(m.to(acc))) * _bcast(scale) + _bcast(_per_channel(b, acc, 0.0, c,
+                                                                                     x.device))
+
+    y = normalized(input, mean, var, weight, bias, eps) + normalized(input2, mean2, var2, weight2,
+                                                                      bias2, eps2)
+    return _relu_out(y, input, save_mask)
+
+
+def _relu_out(y: Tensor, input: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
+    """`(relu(y) in input's dtype and working layout, packed mask of y > 0)` of an apply op."""
+    layout = working_layout(input)
     out = torch.where(y < 0, torch.zeros_like(y), y).to(input.dtype)
     out = out.contiguous(memory_format=layout)
     mask = pack_mask(y > 0, layout) if save_mask else input.new_empty((0,), dtype=torch.uint8)

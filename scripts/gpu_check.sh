@@ -2,10 +2,11 @@
 # One-command GPU check for an H100/H200 machine without network access (torch 2.11 +
 # triton 3.6 on Python 3.12 there): build, full test suite on the GPU, compute-sanitizer
 # memcheck (and racecheck for the CUDA kernels) on a small case of every kernel, the GPU
-# benchmarks, and their Markdown table and PNG plot. Everything lands in $OUT (default
-# ./gpu_check_out), at most 8 files; the summary table prints last.
+# benchmarks (the whole-ResNet-50 step included: two torch.compile warmups), and their
+# Markdown table and PNG plot. Everything lands in $OUT
+# (default ./gpu_check_out), at most 8 files; the summary table prints last.
 #
-#     bash scripts/gpu_check.sh            # about 8 minutes on an H100, build included
+#     bash scripts/gpu_check.sh            # not yet timed on a GPU (target: 8 minutes on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}

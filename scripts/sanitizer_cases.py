@@ -35,6 +35,10 @@ def run_backend(name: str) -> None:
                 sum_dy, sum_dy_xmu, _ = ops.backward_reduce(g, mask, x, mean, var, 1e-5)
                 ops.backward_apply(g, mask, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, True, True)
                 ops.backward_apply(g, mask, x, rm, rv, None, None, None, 1e-5, count, True, False)
+                # The two-BatchNorm apply, its second input in the other layout.
+                other = torch.contiguous_format if channels_last else torch.channels_last
+                ops.dual_apply(x, mean, var, w, b, r.contiguous(memory_format=other), rm, rv, None, b,
+                               1e-5, 1e-3, True)
     torch.cuda.synchronize()
     print(f"sanitizer cases done: {name}")
 

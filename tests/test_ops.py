@@ -30,6 +30,12 @@ def op_samples(dtype, layout, training):
     sum_dy, sum_dy_xmu, _ = R.bn_backward_reduce_reference(g, mask, x, mean, var, 1e-5)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     sums = (sum_dy, sum_dy_xmu) if training else (None, None)
+    # bn_dual_apply's second input: other statistics, and another layout than x's.
+    x2 = r.contiguous(memory_format=torch.channels_last) if layout == "nchw" else r.contiguous()
+    if layout == "strided":
+        x2 = r
+    mean2, var2 = R.bn_stats_reference(x2) if training else (rm * 2, rv + 0.5)
+    w2, b2 = w.flip(0), b * 3
     return [
         ("stats", (x,)),
         ("update_running_stats", (mean, var, count, rm.clone(), rv.clone(), 0.1)),
@@ -39,6 +45,8 @@ def op_samples(dtype, layout, training):
         ("backward_apply", (g, mask, x, mean, var, w, *sums, 1e-5, count, True, True)),
         ("backward_apply", (g, mask, x, mean, var, None, *sums, 1e-5, count, False, True)),
         ("backward_apply", (g, mask, x, mean, var, w, *sums, 1e-5, count, True, False)),
+        ("dual_apply", (x, mean, var, w, b, x2, mean2, var2, w2, b2, 1e-5, 1e-3, True)),
+        ("dual_apply", (x, mean, var, None, b, x2, mean2, var2, w2, None, 1e-5, 1e-5, False)),
     ]
 
 

@@ -45,6 +45,7 @@ from fused_residual.reference import (  # noqa: E402
     bn_apply_reference,
     bn_backward_apply_reference,
     bn_backward_reduce_reference,
+    bn_dual_apply_reference,
     bn_stats_reference,
     bn_update_running_stats_reference,
     pack_mask,
@@ -225,6 +226,30 @@ def check_apply(x, r, mean, var, w, b, save_mask, what="bn_apply"):
     return out, mask
 
 
+def check_dual_apply(x, mean, var, w, b, x2, mean2, var2, w2, b2, save_mask, what="bn_dual_apply"):
+    """bn_dual_apply against the float64 reference: per element, the terms of both
+    BatchNorms bound the accumulation error, as for bn_apply."""
+    eps2 = 1e-3
+    out, mask = ops().triton_bn_dual_apply(x, mean, var, w, b, x2, mean2, var2, w2, b2, EPS, eps2, save_mask)
+    check_layout(out, x, what)
+    assert out.dtype == x.dtype
+    ref, _ = bn_dual_apply_reference(d(x), d(mean), d(var), d(w), d(b), d(x2), d(mean2), d(var2), d(w2),
+                                     d(b2), EPS, eps2, False)
+    y1, mag1 = apply_expected(x, None, mean, var, w, b)
+    invstd2 = torch.rsqrt(var2.double() + eps2) * (w2.double() if w2 is not None else 1.0)
+    xhat2 = (x2.double() - mean2.double().view(1, -1, 1, 1)) * invstd2.view(1, -1, 1, 1)
+    y2 = xhat2 + (b2.double().view(1, -1, 1, 1) if b2 is not None else 0.0)
+    mag2 = xhat2.abs() + (b2.double().abs().view(1, -1, 1, 1) if b2 is not None else 0.0)
+    acc_tol = 16 * acc_eps(x.dtype) * (mag1 + mag2)
+    assert_within(out, ref, torch.finfo(x.dtype).eps * ref.abs() + acc_tol + tiny(x.dtype), f"{what} out")
+    if save_mask:
+        y64 = y1 + y2
+        assert_mask(mask, y64, y64.abs() <= acc_tol, x, f"{what} mask")
+    else:
+        assert mask.dtype == torch.uint8 and mask.shape == (0,)
+    return out, mask
+
+
 def check_backward_reduce(g, mask, x, mean, var, what="bn_backward_reduce"):
     sdy, sdyx, gw = ops().triton_bn_backward_reduce(g, mask, x, mean, var, EPS)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -315,6 +340,7 @@ def _opcheck_cases():
         "triton_bn_apply": (x, x.contiguous(), m, v, w, None, EPS, True),
         "triton_bn_backward_reduce": (x, mask, x, m, v, EPS),
         "triton_bn_backward_apply": (x, mask, x, m, v, w, m, v, EPS, 40, True, True),
+        "triton_bn_dual_apply": (x, m, v, w, None, x.contiguous(), v, m.abs(), None, w, EPS, 1e-3, True),
     }
 
 
@@ -424,6 +450,51 @@ def test_bn_apply(dtype, layout, shape, variant):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_apply_mean_offset(dtype, layout):
     check_apply(*_apply_args((2, 16, 7, 7), dtype, layout, "affine+res", offset=1e4))
+
+
+def _dual_args(shape, dtype, layout, variant, offset=0.0, seed=0):
+    """bn_apply's arguments for `variant`, plus a second input (in the other layout when the
+    variant's residual is "other") with its own statistics and affine (half the variants
+    without weight2, the others without bias2)."""
+    x, r, mean, var, w, b, save_mask = _apply_args(shape, dtype, layout, variant, offset, seed)
+    if r is None:
+        r = make(shape, dtype, layout, seed=seed + 1)
+    c = shape[1]
+    mean2 = per_channel(c, seed=seed + 6, offset=2.0)
+    var2 = per_channel(c, seed=seed + 7, positive=True)
+    w2 = per_channel(c, seed=seed + 8) if seed % 2 == 0 else None
+    b2 = per_channel(c, seed=seed + 9) if seed % 2 == 1 else None
+    return x, mean, var, w, b, r, mean2, var2, w2, b2, save_mask
+
+
+DUAL_SHAPES = [(2, 3, 5, 7), (3, 8, 1, 1), (2, 16, 7, 7), (2, 3, 4, 4)]
+
+
+@pytest.mark.parametrize("variant", list(APPLY_VARIANTS))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_dual_apply(dtype, layout, variant):
+    for seed, shape in enumerate(DUAL_SHAPES):
+        check_dual_apply(*_dual_args(shape, dtype, layout, variant, seed=seed))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_bn_dual_apply_tiny_tiles_and_float64(tiny_tiles, layout):
+    """Several programs per row / flat block, and the float64 path."""
+    for dtype in (torch.float32, torch.float64):
+        for seed, shape in enumerate([(2, 3, 5, 7), (3, 24, 2, 3), (2, 16, 4, 4)]):
+            check_dual_apply(*_dual_args(shape, dtype, layout, "affine+res", offset=1e3, seed=seed))
+
+
+def test_bn_dual_apply_rejects_bad_arguments():
+    x = make((2, 3, 4, 5), torch.float32)
+    m, v = per_channel(3), per_channel(3, positive=True)
+    with pytest.raises(ValueError, match="input2 shape"):
+        ops().triton_bn_dual_apply(x, m, v, None, None, x[:1], m, v, None, None, EPS, EPS, True)
+    with pytest.raises(TypeError, match="input2 dtype"):
+        ops().triton_bn_dual_apply(x, m, v, None, None, x.half(), m, v, None, None, EPS, EPS, True)
+    with pytest.raises(ValueError, match="var2"):
+        ops().triton_bn_dual_apply(x, m, v, None, None, x, m, per_channel(4), None, None, EPS, EPS, True)
 
 
 def test_bn_apply_nan_propagates():
@@ -643,6 +714,8 @@ _AOT_SCRIPT = textwrap.dedent(
         s = ops.triton_bn_backward_reduce(x, mask, x, mean, var, 1e-5)
         ops.triton_bn_backward_apply(x, mask, x, mean, var, w, None if variant else s[0],
                                      None if variant else s[1], 1e-5, 4, True, not variant)
+        ops.triton_bn_dual_apply(x, mean, var, w, w, x, mean, var, None if variant else pc, w, 1e-5,
+                                 1e-3, not variant)
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for cl in (False, True):

@@ -1,94 +1,24 @@
-// CPU implementations of the five fused_residual ops (contract: docs/op_layer.md).
+// CPU implementations of the five single-input fused_residual ops (contract: docs/op_layer.md;
+// the sixth, bn_dual_apply, is in bn_dual_apply_cpu.cpp).
 //
 // This file owns the op-level work: argument checks (op_checks.h), the working layout
 // (NCHW-contiguous or channels_last-contiguous tensors are used as they are; any other
 // strides, and a residual / grad_out in another layout, are copied into the input's
 // working layout), output allocation without zero-fill, and the O(C) per-channel constants.
 // The streaming kernels (bn_*_kernels.h) are reached through a KernelSet chosen once per
-// process by the CPU's ISA (see bn_cpu_kernels.h).
+// process by the CPU's ISA (see bn_cpu_kernels.h); the helpers shared with
+// bn_dual_apply_cpu.cpp are in bn_cpu_op_utils.h.
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <string>
 #include <tuple>
 #include <vector>
 
-#include "cpu/bn_cpu_kernels.h"
+#include "cpu/bn_cpu_op_utils.h"
 #include "op_checks.h"
 
 namespace fused_residual::cpu {
 namespace {
-
-// The AVX2 kernels when ATen itself runs AVX2 or AVX512 kernels on this CPU (honouring
-// ATEN_CPU_CAPABILITY), else the baseline ones.
-const KernelSet& kernels() {
-  static const KernelSet* const chosen = [] {
-#if defined(FUSED_RESIDUAL_HAVE_AVX2_KERNELS)
-    const std::string capability = at::get_cpu_capability();
-    if ((capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-      return &avx2::kKernels;
-    }
-#endif
-    return &baseline::kKernels;
-  }();
-  return *chosen;
-}
-
-Geometry geometry_of(const at::Tensor& x, bool channels_last) {
-  return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
-}
-
-struct Working {
-  at::MemoryFormat format;
-  Geometry geometry;
-};
-
-Working working_of(const at::Tensor& input) {
-  const at::MemoryFormat format = working_layout(input);
-  return {format, geometry_of(input, format == at::MemoryFormat::ChannelsLast)};
-}
-
-// A per-channel tensor (any floating dtype, any stride) as a contiguous acc tensor; no copy
-// when it already is one.
-at::Tensor channel_acc(const at::Tensor& t, at::ScalarType acc) {
-  return t.to(acc).contiguous();
-}
-
-at::Tensor channel_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return t.has_value() ? channel_acc(*t, acc) : at::Tensor();
-}
-
-// Data of a contiguous acc tensor, or nullptr for an undefined one.
-template <typename acc_t>
-const acc_t* acc_data(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
-at::Tensor new_channels(int64_t c, const at::Tensor& like, at::ScalarType acc) {
-  return at::empty({c}, like.options().dtype(acc));
-}
-
-// Stores acc values into a per-channel tensor of any floating dtype and stride.
-template <typename acc_t>
-void store_channels(at::Tensor& dst, const acc_t* values) {
-  const at::ScalarType dtype = dst.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "store_channels", [&] {
-    scalar_t* p = dst.mutable_data_ptr<scalar_t>();
-    const int64_t stride = dst.stride(0);
-    for (int64_t i = 0; i < dst.size(0); ++i) {
-      p[i * stride] = static_cast<scalar_t>(values[i]);
-    }
-  });
-}
-
-// invstd_c = 1 / sqrt(var_c + eps) in acc.
-template <typename acc_t>
-inline acc_t invstd_of(acc_t var, double eps) {
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-}
 
 // ---- the ops ----
 
@@ -168,24 +98,7 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
   }
   const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor mean_acc = channel_acc(mean, acc);
-  at::Tensor scale = new_channels(c, input, acc);
-  at::Tensor shift = new_channels(c, input, acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "bn_apply_cpu_constants", [&] {
-    using acc_t = scalar_t;
-    const at::Tensor v = channel_acc(var, acc);
-    const at::Tensor wt = channel_acc(weight, acc);
-    const at::Tensor bs = channel_acc(bias, acc);
-    const acc_t* vp = acc_data<acc_t>(v);
-    const acc_t* wp = acc_data<acc_t>(wt);
-    const acc_t* bp = acc_data<acc_t>(bs);
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    acc_t* hp = shift.mutable_data_ptr<acc_t>();
-    for (int64_t i = 0; i < c; ++i) {
-      const acc_t inv = invstd_of(vp[i], eps);
-      sp[i] = wp != nullptr ? inv * wp[i] : inv;
-      hp[i] = bp != nullptr ? bp[i] : acc_t(0);
-    }
-  });
+  const auto [scale, shift] = affine_constants(var, weight, bias, eps, input, acc);
 
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(w.format));
   at::Tensor mask = at::empty({save_mask ? (input.numel() + 7) / 8 : 0},

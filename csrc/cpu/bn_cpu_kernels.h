@@ -40,6 +40,9 @@ struct StatsArgs {
   void* var;   // (C,) acc, output (population variance)
 };
 
+// bn_apply: y = (x - mean) * scale + bias (+ residual). bn_dual_apply sets x2/mean2/scale2
+// instead of a residual: y = (x - mean) * scale + (x2 - mean2) * scale2 + bias, with both
+// BatchNorms' biases folded into `bias`.
 struct ApplyArgs {
   const void* x;
   const void* residual;  // nullptr when absent
@@ -47,7 +50,10 @@ struct ApplyArgs {
   const void* scale;     // (C,) acc: invstd * weight
   const void* bias;      // (C,) acc
   void* out;
-  uint8_t* mask;  // ceil(numel / 8) bytes, nullptr when not saved
+  uint8_t* mask;                  // ceil(numel / 8) bytes, nullptr when not saved
+  const void* x2 = nullptr;       // second input (same layout as x), nullptr for bn_apply
+  const void* mean2 = nullptr;    // (C,) acc
+  const void* scale2 = nullptr;   // (C,) acc: invstd2 * weight2
 };
 
 struct BackwardReduceArgs {

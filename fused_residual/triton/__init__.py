@@ -1,6 +1,6 @@
 """Triton backend of the op layer (docs/op_layer.md).
 
-Importing this package registers five `torch.library.triton_op`s with the same schemas as
+Importing this package registers six `torch.library.triton_op`s with the same schemas as
 the extension's ops (csrc/ops.cpp):
 
     torch.ops.fused_residual.triton_bn_stats
@@ -8,8 +8,9 @@ the extension's ops (csrc/ops.cpp):
     torch.ops.fused_residual.triton_bn_apply
     torch.ops.fused_residual.triton_bn_backward_reduce
     torch.ops.fused_residual.triton_bn_backward_apply
+    torch.ops.fused_residual.triton_bn_dual_apply
 
-Kernels live in `stats.py`, `apply.py` and `backward.py`; shared geometry, launch
+Kernels live in `stats.py`, `apply.py` (bn_apply and bn_dual_apply) and `backward.py`; shared geometry, launch
 heuristics and jit helpers in `_common.py`. When Triton cannot be imported nothing is
 registered and `TRITON_AVAILABLE` is False. With `TRITON_INTERPRET=1` set before Triton is
 imported, the kernels run in Triton's interpreter on CPU tensors (slow; for tests).
@@ -42,6 +43,7 @@ OP_NAMES = (
     "triton_bn_apply",
     "triton_bn_backward_reduce",
     "triton_bn_backward_apply",
+    "triton_bn_dual_apply",
 )
 
 
