@@ -31,7 +31,9 @@ else:
     # BatchNorm+ReLU without a residual.
     CASES = [((32, 64, 56, 56), torch.float32, False, True), ((32, 64, 56, 56), torch.float32, True, True),
              ((32, 1024, 14, 14), torch.float32, True, True), ((32, 64, 56, 56), torch.float32, False, False)]
-    ROUNDS, WARMUP = 7, 2
+    # Fresh 25 MB outputs page-fault on first touch and glibc moves its mmap threshold with
+    # history: enough rounds for the median to settle.
+    ROUNDS, WARMUP = 25, 5
 
 FUSED = [b for b in fused_residual.available_backends(DEVICE) if b != "reference"
          and not (b == "triton" and DEVICE == "cpu")]  # the interpreter is a test vehicle only
