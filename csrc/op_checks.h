@@ -115,4 +115,27 @@ inline void check_backward_sums(const std::optional<at::Tensor>& sum_dy,
               "None (eval)");
 }
 
+// Every tensor argument of bn_dual_apply, for the kernels of `device_type` (CPU or CUDA).
+inline void check_dual_apply_args(const at::Tensor& input, const at::Tensor& mean,
+                                  const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& input2,
+                                  const at::Tensor& mean2, const at::Tensor& var2,
+                                  const std::optional<at::Tensor>& weight2,
+                                  const std::optional<at::Tensor>& bias2,
+                                  c10::DeviceType device_type) {
+  check_input(input);
+  check_device_type(input, device_type, "input");
+  check_like_input(input2, input, "input2");
+  const int64_t c = input.size(1);
+  const at::Device device = input.device();
+  check_per_channel(mean, c, device, "mean");
+  check_per_channel(var, c, device, "var");
+  check_per_channel(weight, c, device, "weight");
+  check_per_channel(bias, c, device, "bias");
+  check_per_channel(mean2, c, device, "mean2");
+  check_per_channel(var2, c, device, "var2");
+  check_per_channel(weight2, c, device, "weight2");
+  check_per_channel(bias2, c, device, "bias2");
+}
+
 }  // namespace fused_residual

@@ -28,19 +28,8 @@ std::tuple<at::Tensor, at::Tensor> bn_dual_apply_cpu(
     const at::Tensor& input2, const at::Tensor& mean2, const at::Tensor& var2,
     const std::optional<at::Tensor>& weight2, const std::optional<at::Tensor>& bias2,
     double eps, double eps2, bool save_mask) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CPU, "input");
-  check_like_input(input2, input, "input2");
-  const int64_t c = input.size(1);
-  const at::Device device = input.device();
-  check_per_channel(mean, c, device, "mean");
-  check_per_channel(var, c, device, "var");
-  check_per_channel(weight, c, device, "weight");
-  check_per_channel(bias, c, device, "bias");
-  check_per_channel(mean2, c, device, "mean2");
-  check_per_channel(var2, c, device, "var2");
-  check_per_channel(weight2, c, device, "weight2");
-  check_per_channel(bias2, c, device, "bias2");
+  check_dual_apply_args(input, mean, var, weight, bias, input2, mean2, var2, weight2, bias2,
+                        c10::DeviceType::CPU);
 
   // input2 may come in another layout (the shortcut conv's output): copied into input's.
   const Working w = working_of(input);

@@ -189,19 +189,9 @@ std::tuple<at::Tensor, at::Tensor> bn_dual_apply_cuda(
     const at::Tensor& input2_arg, const at::Tensor& mean2_arg, const at::Tensor& var2_arg,
     const std::optional<at::Tensor>& weight2_arg, const std::optional<at::Tensor>& bias2_arg,
     double eps, double eps2, bool save_mask) {
-  check_input(input_arg);
-  check_device_type(input_arg, c10::DeviceType::CUDA, "input");
-  check_like_input(input2_arg, input_arg, "input2");
-  const int64_t channels = input_arg.size(1);
+  check_dual_apply_args(input_arg, mean_arg, var_arg, weight_arg, bias_arg, input2_arg, mean2_arg,
+                        var2_arg, weight2_arg, bias2_arg, c10::DeviceType::CUDA);
   const at::Device device = input_arg.device();
-  check_per_channel(mean_arg, channels, device, "mean");
-  check_per_channel(var_arg, channels, device, "var");
-  check_per_channel(weight_arg, channels, device, "weight");
-  check_per_channel(bias_arg, channels, device, "bias");
-  check_per_channel(mean2_arg, channels, device, "mean2");
-  check_per_channel(var2_arg, channels, device, "var2");
-  check_per_channel(weight2_arg, channels, device, "weight2");
-  check_per_channel(bias2_arg, channels, device, "bias2");
 
   const c10::cuda::CUDAGuard guard(device);
   const at::MemoryFormat layout = working_layout(input_arg);
