@@ -16,38 +16,8 @@ from .autograd import (
     fused_forward,
 )
 from .backends import dual_apply_served, resolve_backend
+from .checks import check_input, check_like_input, check_per_channel
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_per_channel(t: Tensor | None, name: str, input: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-    channels = input.shape[1]
-    if t.dim() != 1 or t.shape[0] != channels:
-        raise ValueError(
-            f"{name} must have shape ({channels},) for an input with {channels} channels, "
-            f"got {tuple(t.shape)}"
-        )
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-
-
-def check_like_input(t: Tensor, name: str, input: Tensor) -> None:
-    """`t` (a residual, a second BatchNorm's input) must match `input` in shape, dtype, device."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.shape != input.shape:
-        raise ValueError(f"{name} shape {tuple(t.shape)} does not match input shape {tuple(input.shape)}")
-    if t.dtype != input.dtype:
-        raise TypeError(f"{name} dtype {t.dtype} does not match input dtype {input.dtype}")
-    if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
 
 
 def check_arguments(
@@ -67,18 +37,12 @@ def check_arguments(
     `suffix` is appended to the argument names in messages ("2": the second BatchNorm of
     `dual_bn_add_relu`, whose input was already checked against the first's).
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"expected 4-D input (N, C, H, W), got {input.dim()}-D input of shape "
-                         f"{tuple(input.shape)}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    check_input(input)
     if residual is not None:
-        check_like_input(residual, "residual", input)
+        check_like_input(residual, input, "residual")
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        _check_per_channel(t, name + suffix, input)
+        check_per_channel(t, input.shape[1], input.device, name + suffix)
     stats = f"running_mean{suffix} and running_var{suffix}"
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{stats} must both be given or both be None")
@@ -185,7 +149,7 @@ def dual_bn_add_relu(
     momentum2 = momentum if momentum2 is None else momentum2
     eps2 = eps if eps2 is None else eps2
     check_arguments(input, None, running_mean, running_var, weight, bias, training, eps)
-    check_like_input(input2, "input2", input)
+    check_like_input(input2, input, "input2")
     check_arguments(input2, None, running_mean2, running_var2, weight2, bias2, training2, eps2,
                     suffix="2")
     name = resolve_backend(backend, input.device.type)

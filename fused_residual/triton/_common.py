@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..checks import check_input, check_like_input, check_per_channel  # noqa: F401  (re-exported)
 from ..reference import acc_dtype, working_layout
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when these modules load.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,36 +140,10 @@ def _warps(lanes: int) -> int:
 
 
 def _check_input(input: Tensor) -> None:
-    if input.dim() != 4:
-        raise ValueError(f"fused_residual: input must be 4-D (N, C, H, W), got {input.dim()}-D")
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"fused_residual: input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}"
-        )
+    check_input(input)
     n, _, h, w = input.shape
     if n * h * w == 0:
         raise ValueError("fused_residual: N*H*W == 0 must be handled before the op layer")
-
-
-def check_like_input(t: Tensor, input: Tensor, name: str) -> None:
-    if t.shape != input.shape:
-        raise ValueError(f"fused_residual: {name} shape {tuple(t.shape)} does not match input shape "
-                         f"{tuple(input.shape)}")
-    if t.dtype != input.dtype:
-        raise TypeError(f"fused_residual: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
-    if t.device != input.device:
-        raise ValueError(f"fused_residual: {name} is on {t.device} but input is on {input.device}")
-
-
-def check_per_channel(t: Tensor | None, channels: int, device: torch.device, name: str) -> None:
-    if t is None:
-        return
-    if t.dim() != 1 or t.shape[0] != channels:
-        raise ValueError(f"fused_residual: {name} must have shape ({channels},), got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"fused_residual: {name} must be a floating tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"fused_residual: {name} is on {t.device} but input is on {device}")
 
 
 def check_mask(mask: Tensor, input: Tensor) -> None:
