@@ -117,6 +117,10 @@ def section(path: Path, plot_dir: Path | None) -> str:
              f"- command: `pytest benchmarks/ --benchmark-only --benchmark-json={path}`, then "
              f"`python scripts/bench_report.py {path} ...`", ""]
     lines += [*headline(cases), ""]
+    if any(info.get("pct_of_copy", 0) > 100 for ps in cases.values() for info in ps.values()):
+        lines += ["Above 100% of the copy bandwidth: a case's tensors (tens of MB) partly stay in the "
+                  "caches between its passes, while the copy measurement streams 256 MiB "
+                  "(1 GiB on a GPU) past them.", ""]
     if plot_dir is not None:
         png = plot_dir / (path.stem + ".png")
         if plot(cases, png, title):
