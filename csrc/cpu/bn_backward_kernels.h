@@ -127,6 +127,7 @@ void backward_reduce_channels_last(const BackwardReduceArgs& args, const Geometr
   // Block b's sums of channel c at [b * C + c].
   std::vector<double> p1(blocks.nblocks * C, 0.0), p2(blocks.nblocks * C, 0.0);
   const LaneSelect<acc_t> select;
+  const Vec zero(acc_t(0));
 
   at::parallel_for(0, blocks.nblocks, block_grain(blocks.rows_per_block * C), [&](int64_t begin,
                                                                                   int64_t end) {
@@ -138,9 +139,41 @@ void backward_reduce_channels_last(const BackwardReduceArgs& args, const Geometr
       const int64_t r_end = r0 + blocks.count(b);
       for (int64_t rs = r0; rs < r_end; rs += win_rows) {
         const int64_t re = std::min(r_end, rs + win_rows);
-        std::fill(inner.begin(), inner.end(), acc_t(0));
+        const int64_t ws = rs * C;
+        const int64_t wp = ws + slots.whole_periods((re - rs) * C);
+        if (wp > ws) {
+          // Periods outer, a group of slot vectors inner (a whole row for C = 64 float, so
+          // memory is read in order): the group's accumulators stay in registers as
+          // independent chains, its mask bits come from one or two reads.
+          for_slot_groups<L, kSlotGroup<L>>(P, [&](auto gc, int64_t t) {
+            constexpr int G = decltype(gc)::value;
+            const GroupSelect<acc_t, G> gsel;
+            Vec a[G], q[G];
+            c10::ForcedUnroll<G>{}([&](auto kc) {
+              a[kc] = zero;
+              q[kc] = zero;
+            });
+            for (int64_t e = ws + t; e < wp; e += P) {
+              const auto words =
+                  gsel.prepare(read_group_bits<static_cast<int>(G * L)>(mask, e, nbytes));
+              c10::ForcedUnroll<G>{}([&](auto kc) {
+                constexpr int k = decltype(kc)::value;
+                const Vec dy = gsel.template apply<k>(IO::load(gp + e + k * L), words);
+                a[k] += dy;
+                q[k] = at::vec::fmadd(dy, IO::load(xp + e + k * L) - Vec::loadu(ms + t + k * L),
+                                      q[k]);
+              });
+            }
+            c10::ForcedUnroll<G>{}([&](auto kc) {
+              a[kc].store(in1 + t + kc * L);
+              q[kc].store(in2 + t + kc * L);
+            });
+          });
+        } else {
+          std::fill(inner.begin(), inner.end(), acc_t(0));
+        }
         slots.walk<L>(
-            rs * C, re * C,
+            wp, re * C,
             [&](int64_t e, int64_t t) {
               const Vec dy = select(IO::load(gp + e),
                                     read_mask_bits(mask, e, static_cast<int>(L), nbytes));

@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/Unroll.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -154,6 +155,72 @@ struct LaneSelect {
   }
 };
 
+// Lane masks of G consecutive vectors from G * L (<= 64) mask bits: vector k takes bits
+// [k * L, (k + 1) * L). The same select as LaneSelect (masked-out lanes give +0, kept lanes
+// are passed through bit for bit). With AVX2, a variable shift moves each lane's bit into
+// its sign bit and blendv selects: two instructions a vector, the bits broadcast once per
+// group.
+template <typename T, int G>
+struct GroupSelect {
+  static constexpr int kLanes = Vectorized<T>::size();
+  static constexpr int kBits = G * kLanes;
+  static_assert(kBits <= 64, "a group's mask bits must fit 64 bits");
+  using int_t = at::vec::int_same_size_t<T>;
+  using IVec = Vectorized<int_t>;
+  static constexpr int kLaneBits = 8 * static_cast<int>(sizeof(T));
+  // Broadcast words of kLaneBits bits: lane i of vector k tests bit (k * L + i) % kLaneBits
+  // of word (k * L + i) / kLaneBits (the same word for all lanes of a vector).
+  static constexpr int kWords = (kBits + kLaneBits - 1) / kLaneBits;
+  IVec shifts[G];  // lane i of vector k holds kLaneBits - 1 - (k * L + i) % kLaneBits
+  LaneSelect<T> lanes;
+
+  GroupSelect() {
+    for (int k = 0; k < G; ++k) {
+      __at_align__ int_t w[IVec::size()];
+      for (int i = 0; i < IVec::size(); ++i) {
+        w[i] = static_cast<int_t>(kLaneBits - 1 - (k * kLanes + i) % kLaneBits);
+      }
+      shifts[k] = IVec::loadu(w);
+    }
+  }
+
+  struct Words {
+    IVec w[kWords];
+    uint64_t bits;
+  };
+
+  C10_ALWAYS_INLINE Words prepare(uint64_t bits) const {
+    Words r;
+    for (int j = 0; j < kWords; ++j) {
+      r.w[j] = IVec(static_cast<int_t>(kLaneBits == 64 ? bits : bits >> (32 * j)));
+    }
+    r.bits = bits;
+    return r;
+  }
+
+  template <int k>
+  C10_ALWAYS_INLINE Vectorized<T> apply(const Vectorized<T>& v, const Words& words) const {
+    static_assert(kLanes <= kLaneBits && kLaneBits % kLanes == 0, "a vector's bits in one word");
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256i m = _mm256_sllv_epi32(words.w[k * kLanes / 32], shifts[k]);
+      return _mm256_blendv_ps(_mm256_setzero_ps(), v, _mm256_castsi256_ps(m));
+    } else if constexpr (std::is_same_v<T, double>) {
+      const __m256i m = _mm256_sllv_epi64(words.w[0], shifts[k]);
+      return _mm256_blendv_pd(_mm256_setzero_pd(), v, _mm256_castsi256_pd(m));
+    } else {
+      return lanes(v, static_cast<uint32_t>(words.bits >> (k * kLanes)));
+    }
+#else
+    return lanes(v, static_cast<uint32_t>(words.bits >> (k * kLanes)));
+#endif
+  }
+};
+
+// G * L (<= 64) mask bits starting at element e (two reads when more than 32).
+template <int kBits>
+C10_ALWAYS_INLINE uint64_t read_group_bits(const uint8_t* mask, int64_t e, int64_t nbytes);
+
 // `k` (<= 32) mask bits starting at element e, bit 0 = element e; reads stay below nbytes.
 C10_ALWAYS_INLINE uint32_t read_mask_bits(const uint8_t* mask, int64_t e, int k, int64_t nbytes) {
   const int64_t byte = e >> 3;
@@ -170,6 +237,16 @@ C10_ALWAYS_INLINE uint32_t read_mask_bits(const uint8_t* mask, int64_t e, int k,
     }
   }
   return static_cast<uint32_t>((word >> shift) & ((uint64_t(1) << k) - 1u));
+}
+
+template <int kBits>
+C10_ALWAYS_INLINE uint64_t read_group_bits(const uint8_t* mask, int64_t e, int64_t nbytes) {
+  if constexpr (kBits <= 32) {
+    return read_mask_bits(mask, e, kBits, nbytes);
+  } else {
+    return static_cast<uint64_t>(read_mask_bits(mask, e, 32, nbytes)) |
+           (static_cast<uint64_t>(read_mask_bits(mask, e + 32, kBits - 32, nbytes)) << 32);
+  }
 }
 
 C10_ALWAYS_INLINE bool read_mask_bit(const uint8_t* mask, int64_t e) {
@@ -367,6 +444,35 @@ struct ChannelSlots {
     }
   }
 };
+
+// Calls f(std::integral_constant<int, G>{}, t) for the slot vectors [t, t + G * L) of a
+// flat period P (a multiple of L), in groups of up to kMax vectors: a kernel that walks one
+// group at a time keeps the group's accumulators in registers (independent chains) while it
+// steps through the periods of a window.
+template <int G, typename F>
+C10_ALWAYS_INLINE void slot_group_rest(int64_t rest, int64_t t, const F& f) {
+  if constexpr (G >= 1) {
+    if (rest == G) {
+      f(std::integral_constant<int, G>{}, t);
+      return;
+    }
+    slot_group_rest<G - 1>(rest, t, f);
+  }
+}
+
+// The group size of the channels_last reductions: up to 8 vectors (C = 64 float: one
+// group is a whole row), at most 64 mask bits.
+template <int64_t L>
+constexpr int kSlotGroup = static_cast<int>(std::min<int64_t>(8, 64 / L));
+
+template <int64_t L, int kMax, typename F>
+C10_ALWAYS_INLINE void for_slot_groups(int64_t period, const F& f) {
+  int64_t t = 0;
+  for (; t + kMax * L <= period; t += kMax * L) {
+    f(std::integral_constant<int, kMax>{}, t);
+  }
+  slot_group_rest<kMax - 1>((period - t) / L, t, f);
+}
 
 // Parallel grain (in blocks) so that a task holds at least ~32K elements.
 inline int64_t block_grain(int64_t block_elems) {

@@ -1,13 +1,15 @@
 // bn_stats kernels: per-channel mean and population variance.
 //
-// Math: each fixed block (a piece of one NCHW row, or a group of channels_last rows) gets a
-// corrected two-pass result: m0 = sum(x) / n_b rounded to acc; d = x - m0 in acc;
-// mean_b = m0 + sum(d) / n_b; M2_b = sum(d^2) - sum(d)^2 / n_b (short acc vector sums,
-// added up in double). The blocks' (n_b, mean_b, M2_b) are then merged per channel in block
-// order with Chan's formula in double. Never E[x^2] - E[x]^2: with a mean offset of 1e4 and
-// std 1, d = x - m0 is exact in float and the variance keeps full float precision.
-// Bytes: one read of x from memory (numel * sizeof(scalar_t)); the second pass re-reads the
-// block from L1/L2. Partials are 16 bytes per block and channel.
+// Math: NCHW blocks (pieces of one row) get a corrected two-pass result: m0 = sum(x) / n_b
+// rounded to acc; d = x - m0 in acc; mean_b = m0 + sum(d) / n_b; M2_b = sum(d^2) -
+// sum(d)^2 / n_b (short acc vector sums, added up in double). channels_last blocks (groups
+// of rows) get the same shifted sums in one pass, with the mean of the block's first rows as
+// the shift (see stats_channels_last). The blocks' (n_b, mean_b, M2_b) are then merged per
+// channel in block order with Chan's formula in double. Never E[x^2] - E[x]^2: with a mean
+// offset of 1e4 and std 1, d = x - shift is exact in float and the variance keeps full
+// float precision.
+// Bytes: one read of x from memory (numel * sizeof(scalar_t)); the NCHW second pass re-reads
+// the block from L1/L2. Partials are 16 bytes per block and channel.
 #pragma once
 
 #include <vector>
@@ -135,8 +137,14 @@ void stats_nchw(const scalar_t* x, const Geometry& g, at::opmath_type<scalar_t>*
   });
 }
 
-// channels_last: blocks of rows of C values; accumulators are ChannelSlots arrays (vectors
-// over channels, in L1). Partials at [b * C + c].
+// channels_last: blocks of rows of C values, one pass per block. Each block takes a
+// per-channel shift s_c, the mean of its first kShiftRows rows rounded to acc, and sums
+// d = x - s_c and d^2 (acc vector sums over a ChannelSlots window, added up in double);
+// mean_b = s_c + sum(d) / n_b, M2_b = sum(d^2) - sum(d)^2 / n_b. s_c is within a few
+// standard deviations of the block mean, so the subtraction loses at most a few bits (not
+// E[x^2] - E[x]^2: a mean offset of 1e4 cancels exactly in d). Partials at [b * C + c].
+constexpr int64_t kShiftRows = 8;
+
 template <typename scalar_t>
 void stats_channels_last(const scalar_t* x, const Geometry& g,
                          at::opmath_type<scalar_t>* mean_out,
@@ -156,86 +164,73 @@ void stats_channels_last(const scalar_t* x, const Geometry& g,
   at::parallel_for(0, blocks.nblocks, block_grain(blocks.rows_per_block * C), [&](int64_t begin,
                                                                                   int64_t end) {
     std::vector<acc_t> inner(3 * P + C);
-    acc_t* m0s = inner.data();  // the block's first-pass mean, per slot
-    acc_t* in1 = m0s + P;       // inner sums of x (pass 1) or d (pass 2), per slot
+    acc_t* shs = inner.data();  // the block's shift, per slot
+    acc_t* in1 = shs + P;       // inner sums of d, per slot
     acc_t* in2 = in1 + P;       // inner sums of d^2, per slot
-    acc_t* m0 = in2 + P;        // the block's first-pass mean, per channel
-    std::vector<double> outer(3 * C);
-    double* sum = outer.data();
-    double* sd = sum + C;
+    acc_t* sh = in2 + P;        // the block's shift, per channel
+    std::vector<double> outer(2 * C);
+    double* sd = outer.data();
     double* sq = sd + C;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = blocks.first(b);
       const int64_t r_end = r0 + blocks.count(b);
-      const int64_t block_len = (r_end - r0) * C;
       std::fill(outer.begin(), outer.end(), 0.0);
 
-      for (int64_t rs = r0; rs < r_end; rs += win_rows) {
-        const int64_t re = std::min(r_end, rs + win_rows);
-        const int64_t ws = rs * C;
-        const int64_t wp = ws + slots.whole_periods((re - rs) * C);
-        std::fill(in1, in1 + P, acc_t(0));
-        for (int64_t t = 0; wp > ws && t < P; t += L) {
-          Vec a0 = zero, a1 = zero;
-          int64_t e = ws + t;
-          for (; e + P < wp; e += 2 * P) {
-            a0 += IO::load(x + e);
-            a1 += IO::load(x + e + P);
-          }
-          if (e < wp) {
-            a0 += IO::load(x + e);
-          }
-          (a0 + a1).store(in1 + t);
-        }
-        slots.walk<L>(
-            wp, re * C,
-            [&](int64_t e, int64_t t) {
-              (Vec::loadu(in1 + t) + IO::load(x + e)).store(in1 + t);
-            },
-            [&](int64_t e, int64_t t) { in1[t] += static_cast<acc_t>(x[e]); });
-        slots.fold_into(sum, in1);
-      }
-      const double n = static_cast<double>(r_end - r0);
+      const int64_t nsh = std::min<int64_t>(kShiftRows, r_end - r0);
       for (int64_t c = 0; c < C; ++c) {
-        m0[c] = static_cast<acc_t>(sum[c] / n);
+        sh[c] = acc_t(0);
       }
-      slots.expand(m0, m0s);
+      for (int64_t r = r0; r < r0 + nsh; ++r) {
+        const scalar_t* row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          sh[c] += static_cast<acc_t>(row[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        sh[c] /= static_cast<acc_t>(nsh);
+      }
+      slots.expand(sh, shs);
 
       for (int64_t rs = r0; rs < r_end; rs += win_rows) {
         const int64_t re = std::min(r_end, rs + win_rows);
         const int64_t ws = rs * C;
         const int64_t wp = ws + slots.whole_periods((re - rs) * C);
-        prefetch_span(x + ws + block_len, (re - rs) * C);  // this window of the next block
-        std::fill(in1, in1 + 2 * P, acc_t(0));
-        for (int64_t t = 0; wp > ws && t < P; t += L) {
-          const Vec vm0 = Vec::loadu(m0s + t);
-          Vec d0 = zero, d1 = zero, q0 = zero, q1 = zero;
-          int64_t e = ws + t;
-          for (; e + P < wp; e += 2 * P) {
-            const Vec a = IO::load(x + e) - vm0;
-            const Vec b = IO::load(x + e + P) - vm0;
-            d0 += a;
-            d1 += b;
-            q0 = at::vec::fmadd(a, a, q0);
-            q1 = at::vec::fmadd(b, b, q1);
-          }
-          if (e < wp) {
-            const Vec a = IO::load(x + e) - vm0;
-            d0 += a;
-            q0 = at::vec::fmadd(a, a, q0);
-          }
-          (d0 + d1).store(in1 + t);
-          (q0 + q1).store(in2 + t);
+        if (wp > ws) {
+          // Periods outer, a group of slot vectors inner: the group's accumulators stay in
+          // registers and are independent chains.
+          for_slot_groups<L, kSlotGroup<L>>(P, [&](auto gc, int64_t t) {
+            constexpr int G = decltype(gc)::value;
+            Vec d[G], q[G];
+            c10::ForcedUnroll<G>{}([&](auto kc) {
+              d[kc] = zero;
+              q[kc] = zero;
+            });
+            for (int64_t e = ws + t; e < wp; e += P) {
+              c10::ForcedUnroll<G>{}([&](auto kc) {
+                constexpr int k = decltype(kc)::value;
+                // The shift is a memory operand (L1), leaving the registers to the sums.
+                const Vec a = IO::load(x + e + k * L) - Vec::loadu(shs + t + k * L);
+                d[k] += a;
+                q[k] = at::vec::fmadd(a, a, q[k]);
+              });
+            }
+            c10::ForcedUnroll<G>{}([&](auto kc) {
+              d[kc].store(in1 + t + kc * L);
+              q[kc].store(in2 + t + kc * L);
+            });
+          });
+        } else {
+          std::fill(in1, in1 + 2 * P, acc_t(0));
         }
         slots.walk<L>(
             wp, re * C,
             [&](int64_t e, int64_t t) {
-              const Vec d = IO::load(x + e) - Vec::loadu(m0s + t);
+              const Vec d = IO::load(x + e) - Vec::loadu(shs + t);
               (Vec::loadu(in1 + t) + d).store(in1 + t);
               at::vec::fmadd(d, d, Vec::loadu(in2 + t)).store(in2 + t);
             },
             [&](int64_t e, int64_t t) {
-              const acc_t d = static_cast<acc_t>(x[e]) - m0s[t];
+              const acc_t d = static_cast<acc_t>(x[e]) - shs[t];
               in1[t] += d;
               in2[t] += d * d;
             });
@@ -243,31 +238,39 @@ void stats_channels_last(const scalar_t* x, const Geometry& g,
         slots.fold_into(sq, in2);
       }
 
+      const double n = static_cast<double>(r_end - r0);
       for (int64_t c = 0; c < C; ++c) {
-        pmean[b * C + c] = static_cast<double>(m0[c]) + sd[c] / n;
+        pmean[b * C + c] = static_cast<double>(sh[c]) + sd[c] / n;
         pm2[b * C + c] = std::max(0.0, sq[c] - sd[c] * sd[c] / n);
       }
     }
   });
 
-  // Merge in block order; channels are independent, so split them across threads.
+  // Merge in block order (Chan's formula, as chan_merge; a block's count is the same for
+  // every channel, so its division is done once); channels are split across threads.
   at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
     const int64_t w = ce - cb;
-    std::vector<double> state(3 * w, 0.0);
-    double* count = state.data();
-    double* mean = count + w;
+    std::vector<double> state(2 * w, 0.0);
+    double* mean = state.data();
     double* m2 = mean + w;
+    double count = 0;
     for (int64_t b = 0; b < blocks.nblocks; ++b) {
       const double nb = static_cast<double>(blocks.count(b));
+      const double total = count + nb;
+      const double frac_b = nb / total;
+      const double cf = count * frac_b;
       const double* bm = pmean.data() + b * C + cb;
       const double* bq = pm2.data() + b * C + cb;
       for (int64_t c = 0; c < w; ++c) {
-        chan_merge(count[c], mean[c], m2[c], nb, bm[c], bq[c]);
+        const double delta = bm[c] - mean[c];
+        mean[c] += delta * frac_b;
+        m2[c] += bq[c] + delta * delta * cf;
       }
+      count = total;
     }
     for (int64_t c = 0; c < w; ++c) {
       mean_out[cb + c] = static_cast<acc_t>(mean[c]);
-      var_out[cb + c] = static_cast<acc_t>(m2[c] / count[c]);
+      var_out[cb + c] = static_cast<acc_t>(m2[c] / count);
     }
   });
 }
