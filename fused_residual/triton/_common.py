@@ -318,6 +318,24 @@ def rstd(var, eps):
 
 
 @triton.jit
+def nchw_tile(t, tiles_hw, rn, rhw, N, C, HW, chan, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and validity of reduction tile `t` of one NCHW channel (element offset `chan`
+    of image 0): tiles are BLOCK_N images x BLOCK_HW positions, `tiles_hw` per row of H*W."""
+    tn = t // tiles_hw
+    n = tl.cast(tn, tl.int64) * BLOCK_N + rn
+    hw = (t - tn * tiles_hw) * BLOCK_HW + rhw
+    return n * C * HW + chan + hw, (n < N) & (hw < HW)
+
+
+@triton.jit
+def nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M: tl.constexpr):
+    """Offsets and validity of reduction tile `t` of the (N*HW, C) matrix: BLOCK_M rows of
+    the channels `ch`."""
+    m = tl.cast(t, tl.int64) * BLOCK_M + rm
+    return m * C + ch[None, :], (m < M) & cmask[None, :]
+
+
+@triton.jit
 def to_acc(v, IS_F64: tl.constexpr):
     """`v` in the accumulation dtype: fp32, or fp64 for fp64 input."""
     if IS_F64:

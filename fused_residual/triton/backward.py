@@ -47,6 +47,8 @@ from ._common import (
     like_input,
     load_acc,
     merge_blocks,
+    nchw_tile,
+    nhwc_tile,
     per_channel,
     prepare_input,
     reduce_config,
@@ -105,11 +107,7 @@ def _reduce_partial_nchw_kernel(
     t_begin = s * tiles_per_program
     t_end = tl.minimum(t_begin + tiles_per_program, n_tiles)
     for t in range(t_begin, t_end):
-        tn = t // tiles_hw
-        n = tl.cast(tn, tl.int64) * BLOCK_N + rn
-        hw = (t - tn * tiles_hw) * BLOCK_HW + rhw
-        valid = (n < N) & (hw < HW)
-        offs = n * C * HW + chan + hw
+        offs, valid = nchw_tile(t, tiles_hw, rn, rhw, N, C, HW, chan, BLOCK_N, BLOCK_HW)
         dy = _masked_grad(g_ptr, mask_ptr, offs, valid, IS_F64)
         acc_dy, comp_dy = _kahan_add(acc_dy, comp_dy, dy)
         acc_dyx, comp_dyx = _kahan_add(acc_dyx, comp_dyx, dy * (load_acc(x_ptr, offs, valid, IS_F64) - mean))
@@ -138,9 +136,7 @@ def _reduce_partial_nhwc_kernel(
     t_begin = s * tiles_per_program
     t_end = tl.minimum(t_begin + tiles_per_program, n_tiles)
     for t in range(t_begin, t_end):
-        m = tl.cast(t, tl.int64) * BLOCK_M + rm
-        valid = (m < M) & cmask[None, :]
-        offs = m * C + ch[None, :]
+        offs, valid = nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M)
         dy = _masked_grad(g_ptr, mask_ptr, offs, valid, IS_F64)
         acc_dy, comp_dy = _kahan_add(acc_dy, comp_dy, dy)
         acc_dyx, comp_dyx = _kahan_add(acc_dyx, comp_dyx, dy * (load_acc(x_ptr, offs, valid, IS_F64) - mean))

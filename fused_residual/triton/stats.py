@@ -47,6 +47,8 @@ from ._common import (
     join_f64,
     load_acc,
     merge_blocks,
+    nchw_tile,
+    nhwc_tile,
     prepare_input,
     reduce_config,
     split_f64,
@@ -100,11 +102,7 @@ def _stats_partial_nchw_kernel(
     t_begin = s * tiles_per_program
     t_end = tl.minimum(t_begin + tiles_per_program, n_tiles)
     for t in range(t_begin, t_end):
-        tn = t // tiles_hw
-        n = tl.cast(tn, tl.int64) * BLOCK_N + rn
-        hw = (t - tn * tiles_hw) * BLOCK_HW + rhw
-        valid = (n < N) & (hw < HW)
-        offs = n * C * HW + chan + hw
+        offs, valid = nchw_tile(t, tiles_hw, rn, rhw, N, C, HW, chan, BLOCK_N, BLOCK_HW)
         d = load_acc(x_ptr, offs, valid, IS_F64) - shift
         cnt, mean, m2 = _welford_step(d, valid, cnt, mean, m2)
     cnt, mean, m2 = _welford_lanes(cnt, mean, m2, 1)
@@ -135,9 +133,7 @@ def _stats_partial_nhwc_kernel(
     t_begin = s * tiles_per_program
     t_end = tl.minimum(t_begin + tiles_per_program, n_tiles)
     for t in range(t_begin, t_end):
-        m = tl.cast(t, tl.int64) * BLOCK_M + rm
-        valid = (m < M) & cmask[None, :]
-        offs = m * C + ch[None, :]
+        offs, valid = nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M)
         d = load_acc(x_ptr, offs, valid, IS_F64) - shift
         cnt, mean, m2 = _welford_step(d, valid, cnt, mean, m2)
     cnt, mean, m2 = _welford_lanes(cnt, mean, m2, 0)
