@@ -87,7 +87,8 @@ def _sample_inputs(dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pytorch_sample_inputs(backend, training, dtype, layout):
-    if is_slow(backend) and (dtype, layout) not in ((torch.float32, "nchw"), (torch.float64, "channels_last")):
+    interpreted_cases = ((torch.float32, "nchw"), (torch.float64, "channels_last"))
+    if is_slow(backend) and (dtype, layout) not in interpreted_cases:
         pytest.skip("interpreted Triton (slow): float32 NCHW and float64 channels_last cover both")
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     samples = _sample_inputs(dtype, training)
