@@ -23,6 +23,7 @@ a fresh process.
 
 from __future__ import annotations
 
+import dis
 import functools
 import importlib
 import itertools
@@ -178,20 +179,22 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _instructions(code) -> list[tuple]:
+    # Opcodes with what they refer to: constants and names by value, local variables by slot
+    # (so names of locals, comments, line numbers and the docstring do not matter).
+    return [(ins.opname, ins.arg if ins.opcode in dis.haslocal else ins.argval)
+            for ins in dis.get_instructions(code)]
+
+
 def same_code(f: object, g: object) -> bool:
     """Whether two functions compile to the same code (a copy of a forward, whatever its
-    variable names, comments and docstring): same bytecode, names, constants, arguments."""
+    variable names, comments and docstring): the same instructions on the same constants,
+    attribute and global names, and the same arguments."""
     fc, gc = getattr(f, "__code__", None), getattr(g, "__code__", None)
     if fc is None or gc is None:
         return False
-
-    def consts(fn, code):
-        c = code.co_consts
-        return c[1:] if fn.__doc__ is not None and c and c[0] == fn.__doc__ else c
-
-    return (fc.co_code == gc.co_code and fc.co_names == gc.co_names and consts(f, fc) == consts(g, gc)
-            and fc.co_argcount == gc.co_argcount and fc.co_kwonlyargcount == gc.co_kwonlyargcount
-            and fc.co_freevars == gc.co_freevars)
+    return (fc.co_argcount == gc.co_argcount and fc.co_kwonlyargcount == gc.co_kwonlyargcount
+            and fc.co_freevars == gc.co_freevars and _instructions(fc) == _instructions(gc))
 
 
 def match_class(cls: type, references: dict[type, str], methods: tuple[str, ...] = ("forward",)
