@@ -179,11 +179,12 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _instructions(code) -> list[tuple]:
+@functools.cache
+def _instructions(code) -> tuple[tuple, ...]:
     # Opcodes with what they refer to: constants and names by value, local variables by slot
     # (so names of locals, comments, line numbers and the docstring do not matter).
-    return [(ins.opname, ins.arg if ins.opcode in dis.haslocal else ins.argval)
-            for ins in dis.get_instructions(code)]
+    return tuple((ins.opname, ins.arg if ins.opcode in dis.haslocal else ins.argval)
+                 for ins in dis.get_instructions(code))
 
 
 def same_code(f: object, g: object) -> bool:
@@ -193,8 +194,9 @@ def same_code(f: object, g: object) -> bool:
     fc, gc = getattr(f, "__code__", None), getattr(g, "__code__", None)
     if fc is None or gc is None:
         return False
-    return (fc.co_argcount == gc.co_argcount and fc.co_kwonlyargcount == gc.co_kwonlyargcount
-            and fc.co_freevars == gc.co_freevars and _instructions(fc) == _instructions(gc))
+    return (fc.co_names == gc.co_names and fc.co_argcount == gc.co_argcount
+            and fc.co_kwonlyargcount == gc.co_kwonlyargcount and fc.co_freevars == gc.co_freevars
+            and _instructions(fc) == _instructions(gc))
 
 
 def match_class(cls: type, references: dict[type, str], methods: tuple[str, ...] = ("forward",)

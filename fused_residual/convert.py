@@ -17,6 +17,7 @@ memory format carry over, and checkpoints load into and out of a converted model
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -35,12 +36,14 @@ def _planners() -> list:
         pass
     else:
         planners.append(_torchvision.plan)
-    try:
-        from . import _timm
-    except ImportError:
-        pass
-    else:
-        planners.append(_timm.plan)
+    # A model holding timm modules has imported timm: don't import it (seconds) otherwise.
+    if "timm" in sys.modules:
+        try:
+            from . import _timm
+        except ImportError:  # a timm without timm.models.resnet's blocks
+            pass
+        else:
+            planners.append(_timm.plan)
     return planners
 
 

@@ -14,9 +14,9 @@ import inspect
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from helpers import DEVICE, FUSED_BACKENDS, assert_within_rule, check_against_reference, is_slow, make_case
 from test_dual import check_dual, make_dual_case
+from test_modules import EagerTail
 
 import fused_residual
 
@@ -53,16 +53,6 @@ def test_positional_device_and_dtype():
     bn = fused_residual.BatchNormAddReLU2d(4, 1e-3, 0.2, True, True, "cpu", torch.float64)
     assert bn.weight.dtype == torch.float64 and bn.running_mean.device.type == "cpu"
     assert (bn.eps, bn.momentum) == (1e-3, 0.2)
-
-
-class EagerTail(nn.Module):
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, x, r=None):
-        out = self.bn(x)
-        return F.relu(out if r is None else out + r)
 
 
 def _step(module, x, r, grad):

@@ -20,7 +20,7 @@ import fused_residual
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install fused_residual[timm])")
 from model_checks import randomize_norms  # noqa: E402
-from test_convert import OpCounter, check_rule, conv_terms, step  # noqa: E402
+from test_convert import OpCounter, check_rule, compile_and_compare, conv_terms, step  # noqa: E402
 from timm.models import resnet as timm_resnet  # noqa: E402
 
 BACKEND = next((b for b in FUSED_BACKENDS if not is_slow(b)), "reference")
@@ -150,9 +150,7 @@ def test_compile_fullgraph():
     training: no graph break, the fused ops in the code, values as the eager converted
     model's (96x96: 18 values per channel in layer4's batch statistics)."""
     from timm.layers import create_attn
-    from torch._inductor.utils import run_and_get_code
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm_resnet.ResNet(block=timm_resnet.BasicBlock, layers=(1, 1, 1, 1), num_classes=10,
                                stem_type="deep", avg_down=True)
@@ -160,23 +158,6 @@ def test_compile_fullgraph():
     model = fused_residual.convert(randomize_norms(model).to(DEVICE), backend=BACKEND).train()
     report = str(fused_residual.convert_report(model))
     assert "layer3.0 [timm BasicBlock]: fused bn1+act1; left bn2 → se → add" in report, report
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    x = torch.randn(2, 3, 96, 96, device=DEVICE)
-
-    def train_step(m, x):
-        x = x.clone().requires_grad_(True)
-        out = m(x)
-        out.backward(torch.ones_like(out))
-        return out, x.grad
-
-    (out_c, gx_c), codes = run_and_get_code(train_step, compiled, x)
-    out_e, gx_e = train_step(eager, x)
-    code = "\n".join(codes)
+    code = compile_and_compare(model, torch.randn(2, 3, 96, 96, device=DEVICE))
     for op in ("bn_dual_apply", "bn_apply", "bn_backward_apply", "bn_backward_reduce"):
         assert f"fused_residual.{op}" in code, op
-    torch.testing.assert_close(out_c, out_e, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(gx_c, gx_e, rtol=1e-3, atol=1e-3)
-    for (n, bc), be in zip(model.named_buffers(), eager.buffers(), strict=True):
-        torch.testing.assert_close(bc, be, rtol=1e-4, atol=1e-5, msg=n)
-    torch._dynamo.reset()
