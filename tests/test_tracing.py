@@ -120,3 +120,20 @@ def test_torch_export(training):
         state = fused.state_dict()
         for name, value in module.state_dict().items():
             torch.testing.assert_close(value, state[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_timm_partly_fused_traces():
+    """A converted timm seresnet50 (SE tails left unfused, the rest fused) through
+    create_feature_extractor in eval: the original's features under the rule."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (the `timm` extra)")
+    torch.manual_seed(0)
+    original = randomize_norms(timm.create_model("seresnet50", pretrained=False, num_classes=10))
+    original = original.to(DEVICE).eval()
+    truth = copy.deepcopy(original).double()
+    fused = fused_residual.convert(copy.deepcopy(original), backend=BACKEND)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        got, want, exact = (create_feature_extractor(m, NODES)(xx) for m, xx in
+                            ((fused, x), (original, x), (truth, x.double())))
+    for key, value in exact.items():
+        assert_within_rule(key, got[key], want[key], value, torch.float32)
