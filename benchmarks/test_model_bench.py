@@ -13,6 +13,10 @@ one forward (saved_MB, distinct storages: the activation memory that fusion chan
 the eager providers; under torch.compile the saved tensors live inside the compiled graph
 and are not measured.
 
+Two more cases, eager vs eager + convert: a Faster R-CNN ResNet-50 FPN training step (the
+FrozenBatchNorm2d backbone torchvision builds for pretrained weights; GPU: 8x3x512x512, CPU:
+2x3x128x128) and timm's resnet50 in the ResNet-50 case's setting (skipped without timm).
+
 `pytest benchmarks/ --benchmark-disable` runs each case once (compiling included: about half
 a minute per torch.compile provider on a 2-core CPU).
 """
@@ -108,3 +112,88 @@ def test_converted_model_saves_no_more_for_backward():
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     before, after = _saved_bytes(model, x), _saved_bytes(fused, x)
     assert after <= before * (1 + 1 / 32), (before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# Beyond torchvision's classification ResNets: a detection training step (FrozenBatchNorm2d
+# backbone, as torchvision builds it with pretrained weights) and a timm ResNet-50 step,
+# eager vs eager + convert in the same run.
+# --------------------------------------------------------------------------------------------
+
+if DEVICE == "cuda":
+    DET_BATCH, DET_IMAGE, DET_ROUNDS, DET_WARMUP = 8, 512, 10, 3
+else:
+    DET_BATCH, DET_IMAGE, DET_ROUNDS, DET_WARMUP = 2, 128, 3, 1
+DET_CASE = (f"fasterrcnn_resnet50_fpn (FrozenBatchNorm2d) train step {DET_BATCH}x3x{DET_IMAGE}x{DET_IMAGE} "
+            f"float32")
+TIMM_CASE = CASE.replace("resnet50", "timm resnet50", 1)
+
+
+def _bench_train_step(benchmark, case: str, provider: str, model: torch.nn.Module, loss_fn,
+                      rounds: int, warmup: int, extra: dict) -> None:
+    """Time forward + backward + SGD step of `model` under `loss_fn(model)` (eager providers)."""
+    if provider == "eager+convert":
+        fused_residual.convert(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        synchronize(DEVICE)
+        return loss
+
+    loss = step()  # fills caches and the optimizer state
+    assert torch.isfinite(loss), loss
+    benchmark.group = case
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    record(case, provider, benchmark, {"device": device_name(), **extra})
+
+
+@pytest.mark.parametrize("provider", ["eager", "eager+convert"])
+def test_fasterrcnn_train_step(benchmark, provider):
+    """Faster R-CNN ResNet-50 FPN with torchvision's pretrained-weights backbone layout
+    (FrozenBatchNorm2d, trainable_layers=3), random weights, synthetic images and boxes;
+    the loss is the sum of its four training losses."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    model = FasterRCNN(backbone, num_classes=91, min_size=DET_IMAGE, max_size=DET_IMAGE).to(DEVICE).train()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, DET_IMAGE, DET_IMAGE, generator=g).to(DEVICE) for _ in range(DET_BATCH)]
+    corners = torch.rand(DET_BATCH, 4, 2, generator=g) * DET_IMAGE
+    targets = [dict(boxes=torch.cat([c.min(0).values, c.max(0).values + 8]).clamp(max=DET_IMAGE)[None]
+                    .to(DEVICE), labels=torch.tensor([1 + i % 90], device=DEVICE))
+               for i, c in enumerate(corners)]
+
+    def loss_fn(m):
+        torch.manual_seed(2)  # the same region sampling every step
+        return sum(m(images, targets).values())
+
+    _bench_train_step(benchmark, DET_CASE, provider, model, loss_fn, DET_ROUNDS, DET_WARMUP,
+                      {"batch": DET_BATCH, "image": DET_IMAGE, "dtype": "torch.float32"})
+
+
+@pytest.mark.parametrize("provider", ["eager", "eager+convert"])
+def test_timm_resnet50_train_step(benchmark, provider):
+    """timm's resnet50 (pretrained=False), in the torchvision ResNet-50 case's setting."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (the `timm` extra)")
+    torch.manual_seed(0)
+    fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
+    model = timm.create_model("resnet50", pretrained=False, num_classes=1000)
+    model = model.to(device=DEVICE, memory_format=fmt).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g).to(DEVICE).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (BATCH,), generator=g).to(DEVICE)
+
+    def loss_fn(m):
+        with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16, enabled=DTYPE == torch.bfloat16):
+            return F.cross_entropy(m(x), y)
+
+    _bench_train_step(benchmark, TIMM_CASE, provider, model, loss_fn, ROUNDS, WARMUP,
+                      {"batch": BATCH, "image": IMAGE, "dtype": str(DTYPE)})

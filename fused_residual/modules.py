@@ -1,6 +1,17 @@
-"""Drop-in modules: `BatchNormAddReLU2d` and the seed block's fused twin `FusedResidualBlock`."""
+"""Drop-in modules: `BatchNormAddReLU2d` and the seed block's fused twin `FusedResidualBlock`.
+
+A fused norm module reads its tensors and options into a `NormState` (attribute reads only)
+and hands it to `fused_norm_forward`, which does the rest: the `num_batches_tracked` update,
+the momentum factor, the dtype cast of the residual and the fused op. `fused_norm_forward` is
+registered with `torch.fx.wrap`, so torch.fx (and torchvision's `create_feature_extractor`)
+records it as one call instead of tracing through its data-dependent Python (the 4-D check,
+`float(num_batches_tracked)`, the autograd choice); torch.export and torch.compile trace
+through it as ordinary Python.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -11,10 +22,95 @@ from .backends import check_backend_name
 from .functional import bn_add_relu
 
 
-class BatchNormAddReLU2d(nn.BatchNorm2d):
+class NormState(NamedTuple):
+    """A BatchNorm-like module's tensors and options, as read from its attributes.
+
+    A NamedTuple (not a dataclass) so that torch.fx can record it as a call argument.
+    `num_batches_tracked` None means no counter (FrozenBatchNorm2d, or no running stats).
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    training: bool
+    track_running_stats: bool
+    momentum: float | None
+    eps: float
+
+
+def batch_norm_state(bn: nn.modules.batchnorm._BatchNorm) -> NormState:
+    """The state of an nn.BatchNorm2d (or subclass)."""
+    return NormState(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     bn.training, bn.track_running_stats, bn.momentum, bn.eps)
+
+
+def norm_call_args(state: NormState) -> BatchNormArgs:
+    """What nn.BatchNorm2d's forward would pass to F.batch_norm, with its side effect: in
+    training with running statistics, `num_batches_tracked` is incremented (and with
+    `momentum=None` the factor is the cumulative average 1 / num_batches_tracked), exactly as
+    nn.modules.batchnorm._BatchNorm.forward does. Batch statistics are used in training and
+    when there are no running statistics; running statistics are updated (or read) unless
+    the module is training without tracking them.
+    """
+    factor = 0.0 if state.momentum is None else state.momentum
+    if state.training and state.track_running_stats and state.num_batches_tracked is not None:
+        state.num_batches_tracked.add_(1)
+        if state.momentum is None:
+            factor = 1.0 / float(state.num_batches_tracked)
+    use_batch_stats = state.training or (state.running_mean is None and state.running_var is None)
+    keep_running = not state.training or state.track_running_stats
+    return BatchNormArgs(
+        state.running_mean if keep_running else None,
+        state.running_var if keep_running else None,
+        state.weight,
+        state.bias,
+        use_batch_stats,
+        factor,
+        state.eps,
+    )
+
+
+def check_4d(input: Tensor) -> None:
+    """nn.BatchNorm2d's own input check, with its message."""
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+@torch.fx.wrap
+def fused_norm_forward(input: Tensor, residual: Tensor | None, state: NormState, backend: str) -> Tensor:
+    """relu(norm(input) + residual) for a norm in `state` (residual None: norm + ReLU). The
+    residual is cast to the input's dtype, as an in-place `out += identity` does under
+    autocast."""
+    check_4d(input)
+    if residual is not None and residual.dtype != input.dtype:
+        residual = residual.to(input.dtype)
+    a = norm_call_args(state)
+    return bn_add_relu(input, residual, a.running_mean, a.running_var, a.weight, a.bias, a.training,
+                       a.momentum, a.eps, backend=backend)
+
+
+class FusedNorm:
+    """Mixin of the fused norm modules: `forward(input, residual=None)` is
+    relu(norm(input) + residual) in one fused op, from the subclass's `norm_state()` and its
+    `backend` attribute (set by `convert`)."""
+
+    backend: str
+
+    def norm_state(self) -> NormState:
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return fused_norm_forward(input, residual, self.norm_state(), self.backend)
+
+
+class BatchNormAddReLU2d(FusedNorm, nn.BatchNorm2d):
     """`relu(BatchNorm2d(input) + residual)` in one fused pass; `residual=None` gives BN + ReLU.
 
-    A subclass of `nn.BatchNorm2d` with the same parameters, buffers, state_dict keys and
+    A subclass of `nn.BatchNorm2d` that takes the installed torch's constructor arguments in
+    the same positions (`bias=False` too, where that torch has it: a weight without a bias),
+    plus the keyword `backend`, and has the same parameters, buffers, state_dict keys and
     semantics (`num_batches_tracked`, `momentum=None` cumulative averaging,
     `track_running_stats=False`, eval mode). The residual is cast to the input's dtype, as an
     in-place `out += identity` does under autocast.
@@ -27,62 +123,24 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        *,
-        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str = "auto",
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+        # Only pass `bias` when it is not the default: torch versions whose nn.BatchNorm2d has
+        # no `bias` argument then take every call they take, and reject bias=False as they do.
+        extra = {} if bias is True else {"bias": bias}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         check_backend_name(backend)
         self.backend = backend
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        self._check_input_dim(input)
-        args = batch_norm_call_args(self)
-        if residual is not None and residual.dtype != input.dtype:
-            residual = residual.to(input.dtype)
-        return bn_add_relu(
-            input,
-            residual,
-            args.running_mean,
-            args.running_var,
-            args.weight,
-            args.bias,
-            args.training,
-            args.momentum,
-            args.eps,
-            backend=self.backend,
-        )
-
-
-def batch_norm_call_args(bn: nn.modules.batchnorm._BatchNorm) -> BatchNormArgs:
-    """What `bn.forward` would pass to F.batch_norm, with its side effect: in training with
-    running statistics, `num_batches_tracked` is incremented (and with `momentum=None` the
-    factor is the cumulative average 1 / num_batches_tracked), exactly as
-    nn.modules.batchnorm._BatchNorm.forward does. Batch statistics are used in training and
-    when there are no running statistics; running statistics are updated (or read) unless
-    the module is training without tracking them.
-    """
-    exponential_average_factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            exponential_average_factor = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep_running = not bn.training or bn.track_running_stats
-    return BatchNormArgs(
-        bn.running_mean if keep_running else None,
-        bn.running_var if keep_running else None,
-        bn.weight,
-        bn.bias,
-        use_batch_stats,
-        exponential_average_factor,
-        bn.eps,
-    )
+    def norm_state(self) -> NormState:
+        return batch_norm_state(self)
 
 
 class FusedResidualBlock(nn.Module):

@@ -1,0 +1,87 @@
+"""The norm layers `convert` fuses, one `NormKind` each, listed in `norm_kinds()`: the one
+place a new kind (SyncBatchNorm, say) is added.
+
+A kind pairs the class models are built with (`plain`: nn.BatchNorm2d, torchvision's
+FrozenBatchNorm2d) with its fused subclass (`fused`: a `modules.FusedNorm` that only adds
+`forward(input, residual=None)`), and says how to read a module of either class into a
+`NormState` (what a downsampling block's dual op reads from its shortcut norm, which keeps
+its plain class). Only exact classes match: a subclass may have its own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .modules import BatchNormAddReLU2d, FusedNorm, NormState, batch_norm_state
+
+
+@dataclass(frozen=True)
+class NormKind:
+    plain: type[nn.Module]
+    fused: type[nn.Module]
+    state: Callable[[nn.Module], NormState]
+
+
+_KINDS: list[NormKind] = []
+
+
+def norm_kinds() -> tuple[NormKind, ...]:
+    """Every kind, built on first use (a plain list, not functools.cache: the fused forward
+    reads it and torch.compile traces it)."""
+    if not _KINDS:
+        kinds = [NormKind(nn.BatchNorm2d, BatchNormAddReLU2d, batch_norm_state)]
+        try:
+            from ._torchvision import FROZEN_BATCH_NORM
+        except ImportError:  # no torchvision: no FrozenBatchNorm2d either
+            pass
+        else:
+            kinds.append(FROZEN_BATCH_NORM)
+        _KINDS.extend(kinds)
+    return tuple(_KINDS)
+
+
+def kind_of(module: object) -> NormKind | None:
+    for kind in norm_kinds():
+        if type(module) in (kind.plain, kind.fused):
+            return kind
+    return None
+
+
+def is_fused(module: object) -> bool:
+    return isinstance(module, FusedNorm)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Module hooks that a fused op would bypass or feed a different value."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def why_not_fusable(module: object, name: str) -> str | None:
+    """None when `module` is a norm convert() can fuse; else the reason, for the report."""
+    if module is None:
+        return f"no {name}"
+    if kind_of(module) is None:
+        names = ", ".join(k.plain.__name__ for k in norm_kinds())
+        return f"{name} is a {type(module).__name__}, not a norm convert() fuses ({names})"
+    if has_hooks(module):
+        return f"{name} has module hooks"
+    return None
+
+
+def norm_state(module: nn.Module) -> NormState:
+    kind = kind_of(module)
+    assert kind is not None, type(module)
+    return kind.state(module)
+
+
+def fuse(module: nn.Module, backend: str) -> None:
+    """Swap `module`'s class to its kind's fused class (in place: the same Parameters and
+    buffers); converting again only sets the backend."""
+    kind = kind_of(module)
+    assert kind is not None, type(module)
+    module.__class__ = kind.fused
+    module.backend = backend

@@ -1,0 +1,169 @@
+"""BatchNormAddReLU2d as a drop-in for the installed torch's nn.BatchNorm2d: the constructor
+signature, and relu(bn(x) [+ r]) on PyTorch's own BatchNorm2d sample inputs
+(`torch.testing._internal.common_modules`, the ModuleInfo of nn.BatchNorm2d) in train and
+eval, float32 and float64, NCHW and channels_last, under the tolerance rule: outputs,
+gradients (input, residual, weight, bias) and buffers. And a weight without a bias (what
+`bias=False` builds) in every backend, functional and dual.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import DEVICE, FUSED_BACKENDS, assert_within_rule, check_against_reference, is_slow, make_case
+from test_dual import check_dual, make_dual_case
+from test_modules import EagerTail
+
+import fused_residual
+
+pytest.importorskip("expecttest", reason="torch.testing._internal.common_modules needs expecttest")
+from torch.testing._internal.common_modules import module_db
+
+BN_INFO = next(info for info in module_db if info.module_cls is nn.BatchNorm2d)
+BACKENDS = ["reference", *FUSED_BACKENDS]
+
+
+def test_signature_matches_nn_batchnorm2d():
+    """Every parameter of the installed torch's nn.BatchNorm2d, in the same position, kind and
+    default; `backend` is the only addition, keyword-only."""
+    ours = list(inspect.signature(fused_residual.BatchNormAddReLU2d.__init__).parameters.values())
+    theirs = list(inspect.signature(nn.BatchNorm2d.__init__).parameters.values())
+    by_name = {p.name: p for p in ours}
+    for i, p in enumerate(theirs):
+        assert p.name in by_name, p.name
+        q = by_name[p.name]
+        assert (q.kind, q.default) == (p.kind, p.default), (p, q)
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            assert ours[i].name == p.name, (i, p.name)
+    extra = [p for p in ours if p.name not in {t.name for t in theirs}]
+    if "bias" not in {t.name for t in theirs}:  # an older torch: `bias` is ours, rejected when not True
+        extra = [p for p in extra if p.name != "bias"]
+        with pytest.raises(TypeError):
+            nn.BatchNorm2d(3, bias=False)
+        with pytest.raises(TypeError):
+            fused_residual.BatchNormAddReLU2d(3, bias=False)
+    assert [(p.name, p.kind) for p in extra] == [("backend", inspect.Parameter.KEYWORD_ONLY)]
+
+
+def test_positional_device_and_dtype():
+    bn = fused_residual.BatchNormAddReLU2d(4, 1e-3, 0.2, True, True, "cpu", torch.float64)
+    assert bn.weight.dtype == torch.float64 and bn.running_mean.device.type == "cpu"
+    assert (bn.eps, bn.momentum) == (1e-3, 0.2)
+
+
+def _step(module, x, r, grad):
+    x = x.detach().clone().requires_grad_(True)
+    r = None if r is None else r.detach().clone().requires_grad_(True)
+    out = module(x, r)
+    if out.numel():
+        out.backward(grad)
+    grads = {"input": x.grad, "residual": None if r is None else r.grad}
+    grads.update({n.removeprefix("bn."): p.grad for n, p in module.named_parameters()})
+    buffers = {n.removeprefix("bn."): b.detach().clone() for n, b in module.named_buffers()}
+    return out.detach(), grads, buffers
+
+
+def _sample_inputs(dtype, training):
+    return BN_INFO.module_inputs_func(BN_INFO, device=DEVICE, dtype=dtype, requires_grad=False,
+                                      training=training)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", BN_INFO.dtypes, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytorch_sample_inputs(backend, training, dtype, layout):
+    interpreted_cases = ((torch.float32, "nchw"), (torch.float64, "channels_last"))
+    if is_slow(backend) and (dtype, layout) not in interpreted_cases:
+        pytest.skip("interpreted Triton (slow): float32 NCHW and float64 channels_last cover both")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    samples = _sample_inputs(dtype, training)
+    assert len(samples) >= 7
+    for i, sample in enumerate(samples):
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        torch.manual_seed(i)
+        plain = nn.BatchNorm2d(*args, **kwargs).to(device=DEVICE, dtype=dtype)
+        fused = fused_residual.BatchNormAddReLU2d(*args, **kwargs, backend=backend).to(device=DEVICE,
+                                                                                      dtype=dtype)
+        assert list(fused.state_dict()) == list(plain.state_dict())
+        assert (fused.bias is None) == (plain.bias is None) and fused.affine == plain.affine
+        with torch.no_grad():  # weights, bias and running stats away from 1, 0, 0, 1
+            for t, lo in ((plain.weight, 0.5), (plain.bias, -0.5), (plain.running_mean, -0.2),
+                          (plain.running_var, 0.5)):
+                if t is not None:
+                    t.copy_(torch.rand(t.shape, dtype=dtype) + lo)
+        fused.load_state_dict(plain.state_dict())
+        x = sample.forward_input.args[0].detach().contiguous(memory_format=fmt)
+        g = torch.Generator().manual_seed(i)
+        for residual in (None, torch.randn(x.shape, generator=g).to(x).contiguous(memory_format=fmt)):
+            eager, truth = EagerTail(copy.deepcopy(plain)), EagerTail(copy.deepcopy(plain).double())
+            mine = copy.deepcopy(fused)
+            for m in (mine, eager, truth):
+                m.train(training)
+            grad = torch.randn(x.shape, generator=g).to(x)
+            for _ in range(2):  # twice: the second step starts from updated running stats
+                got = _step(mine, x, residual, grad)
+                want = _step(eager, x, residual, grad)
+                exact = _step(truth, x.double(), None if residual is None else residual.double(),
+                              grad.double())
+                case = f"{sample.desc or 'default'} residual={residual is not None}"
+                assert got[0].dtype == dtype, case
+                assert got[0].is_contiguous(memory_format=fmt) or not x.numel(), case
+                assert_within_rule(f"{case} output", got[0], want[0], exact[0], dtype)
+                for key, value in exact[1].items():
+                    if value is None:
+                        assert got[1][key] is None, (case, key)
+                        continue
+                    assert_within_rule(f"{case} grad {key}", got[1][key], want[1][key], value, dtype)
+                for key, value in exact[2].items():
+                    if key == "num_batches_tracked":
+                        assert torch.equal(got[2][key], value), case
+                        continue
+                    # The running mean moves by a batch mean: a cancelling sum of the inputs
+                    # (true value near 0), so its atol scale is what was summed (helpers.py).
+                    scale = max(1.0, x.abs().max().item()) if key == "running_mean" and x.numel() else None
+                    assert_within_rule(f"{case} {key}", got[2][key], want[2][key], value, dtype, scale)
+                for m in (mine, eager, truth):
+                    m.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pytorch_error_inputs(training):
+    """PyTorch's error inputs for BatchNorm2d (eps <= 0): the same exception type, or none
+    where nn.BatchNorm2d takes it (eps=0 in eval)."""
+    errors = BN_INFO.module_error_inputs_func(BN_INFO, device=DEVICE, dtype=torch.float32,
+                                              requires_grad=False, training=training)
+    assert errors
+    for err in errors:
+        sample = err.module_error_input
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        x = sample.forward_input.args[0]
+        outcomes = []
+        for cls in (nn.BatchNorm2d, fused_residual.BatchNormAddReLU2d):
+            module = cls(*args, **kwargs).to(DEVICE).train(training)
+            try:
+                module(x)
+                outcomes.append(None)
+            except Exception as exc:  # comparing what each raises
+                outcomes.append(type(exc))
+        assert outcomes[0] == outcomes[1], (kwargs, outcomes)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fused_residual.BatchNormAddReLU2d(3)(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_weight_without_bias_every_backend(backend, training):
+    """bias=None with a weight (what bias=False builds), in bn_add_relu and both BatchNorms of
+    dual_bn_add_relu, against eager PyTorch and float64 under the rule; no bias gradient."""
+    x, r, w, _, rm, rv = make_case((2, 5, 4, 3), torch.float32)
+    got = check_against_reference(backend, x, r, w, None, rm, rv, training=training, momentum=0.1)
+    assert got[1]["grad_bias"] is None and got[1]["grad_weight"] is not None
+    first, second = make_dual_case((2, 5, 4, 3), torch.float32)
+    first, second = (*first[:2], None, *first[3:]), (*second[:2], None, *second[3:])
+    got = check_dual(backend, first, second, training=training)
+    assert got[1]["grad_bias"] is None and got[1]["grad_bias2"] is None
