@@ -1,20 +1,32 @@
 """fused_residual: BatchNorm2d + residual add + ReLU fused into single memory-bound passes.
 
 Public API: `bn_add_relu`, `dual_bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`,
-`convert` (fuse a torchvision ResNet in place), `available_backends`.
+`convert` (fuse a torchvision ResNet in place), `available_backends`; synchronized across
+processes (torch.distributed): `SyncBatchNormAddReLU2d`, `sync_bn_add_relu`,
+`sync_dual_bn_add_relu`, `convert_sync_batchnorm`.
 """
 
 from .backends import available_backends
 from .convert import convert
+from .distributed import (
+    SyncBatchNormAddReLU2d,
+    convert_sync_batchnorm,
+    sync_bn_add_relu,
+    sync_dual_bn_add_relu,
+)
 from .functional import bn_add_relu, dual_bn_add_relu
 from .modules import BatchNormAddReLU2d, FusedResidualBlock
 
 __all__ = [
     "BatchNormAddReLU2d",
     "FusedResidualBlock",
+    "SyncBatchNormAddReLU2d",
     "available_backends",
     "bn_add_relu",
     "convert",
+    "convert_sync_batchnorm",
     "dual_bn_add_relu",
+    "sync_bn_add_relu",
+    "sync_dual_bn_add_relu",
 ]
 __version__ = "0.1.0"
