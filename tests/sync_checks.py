@@ -130,6 +130,23 @@ def dual_second_in_eval_and_options(ctx):
 
 
 @check(2)
+def dual_without_dual_kernel(ctx):
+    """Where the backend has no bn_dual_apply kernel for the device, the synchronized dual
+    tail runs that one step as its eager reference: the same values under the rule."""
+    from fused_residual.distributed import autograd as sync_autograd
+
+    served, reference = sync_autograd.dual_apply_served, sync_autograd.bn_dual_apply_reference
+    calls = []
+    sync_autograd.dual_apply_served = lambda name, device_type: False
+    sync_autograd.bn_dual_apply_reference = lambda *args: calls.append(1) or reference(*args)
+    try:
+        sync_dual(ctx, "dual without a bn_dual_apply kernel", [2, 1])
+    finally:
+        sync_autograd.dual_apply_served, sync_autograd.bn_dual_apply_reference = served, reference
+    assert calls == [1], calls
+
+
+@check(2)
 def reference_backend(ctx):
     """backend="reference": PyTorch's SyncBatchNorm algorithm (eager, one all_gather and one
     all_reduce per BatchNorm) + add + ReLU. Checked in float64, where the rule is exact up to
