@@ -43,10 +43,10 @@ def checks_for(world: int, device_type: str) -> list[str]:
 
 
 def sync_single(ctx: Ctx, name: str, sizes: list[int], dtype=torch.float32, *, backend: str | None = None,
-                momentum: float = 0.1, group=None, calls=FUSED_CALLS, **case) -> None:
+                momentum: float = 0.1, group=None, calls=FUSED_CALLS, chw=(3, 4, 5), **case) -> None:
     """The synchronized single-BatchNorm tail on each rank's rows vs the whole batch."""
     backend = backend or ctx.backend
-    prob = problem(sizes, (3, 4, 5), dtype, ctx.device, **case)
+    prob = problem(sizes, chw, dtype, ctx.device, **case)
     leaves, stats, grad = prob.slice(ctx.rank)
     got = run(single_fn(fused_residual.sync_bn_add_relu, momentum=momentum, process_group=group,
                         backend=backend), leaves, stats, grad)
@@ -92,6 +92,13 @@ def fp64_exact(ctx):
 @check(2)
 def bf16_channels_last(ctx):
     sync_single(ctx, "bf16 channels_last", [2, 3], torch.bfloat16, layout="channels_last")
+
+
+@check(2)
+def one_value_per_channel_on_a_rank(ctx):
+    # F.batch_norm refuses one value per channel; a synchronized rank may hold one (the
+    # statistics span every rank), as nn.SyncBatchNorm allows.
+    sync_single(ctx, "one value per channel", [1, 3], chw=(3, 1, 1))
 
 
 @check(2)
