@@ -2,11 +2,19 @@
 
 Public API: `bn_add_relu`, `dual_bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`,
 `convert` (fuse the ResNet blocks of a torchvision or timm model in place), `convert_report`,
-`available_backends`.
+`available_backends`; synchronized across processes (torch.distributed):
+`SyncBatchNormAddReLU2d`, `sync_bn_add_relu`, `sync_dual_bn_add_relu`,
+`convert_sync_batchnorm`.
 """
 
 from .backends import available_backends
 from .convert import ConvertReport, convert, convert_report
+from .distributed import (
+    SyncBatchNormAddReLU2d,
+    convert_sync_batchnorm,
+    sync_bn_add_relu,
+    sync_dual_bn_add_relu,
+)
 from .functional import bn_add_relu, dual_bn_add_relu
 from .modules import BatchNormAddReLU2d, FusedResidualBlock
 
@@ -14,10 +22,14 @@ __all__ = [
     "BatchNormAddReLU2d",
     "ConvertReport",
     "FusedResidualBlock",
+    "SyncBatchNormAddReLU2d",
     "available_backends",
     "bn_add_relu",
     "convert",
     "convert_report",
+    "convert_sync_batchnorm",
     "dual_bn_add_relu",
+    "sync_bn_add_relu",
+    "sync_dual_bn_add_relu",
 ]
 __version__ = "0.1.0"

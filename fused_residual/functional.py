@@ -31,11 +31,13 @@ def check_arguments(
     eps: float,
     *,
     suffix: str = "",
+    synchronized: bool = False,
 ) -> None:
     """Raise a TypeError/ValueError naming the problem for any argument a kernel cannot take.
 
     `suffix` is appended to the argument names in messages ("2": the second BatchNorm of
-    `dual_bn_add_relu`, whose input was already checked against the first's).
+    `dual_bn_add_relu`, whose input was already checked against the first's). `synchronized`:
+    the statistics span every rank's batch, so one rank may hold a single value per channel.
     """
     check_input(input)
     if residual is not None:
@@ -50,7 +52,8 @@ def check_arguments(
         raise ValueError(f"{stats} must be defined in evaluation mode (training{suffix}=False)")
     if eps < 0 or (training and eps == 0):
         raise ValueError(f"eps{suffix} must be positive{' in training' if training else ''}, got {eps}")
-    if training and input.numel() > 0 and input.shape[0] * input.shape[2] * input.shape[3] == 1:
+    if (training and not synchronized and input.numel() > 0
+            and input.shape[0] * input.shape[2] * input.shape[3] == 1):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(input.shape)}")
 
