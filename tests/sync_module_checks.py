@@ -16,7 +16,7 @@ from sync_cases import CollectiveCounter, Run, compare_with_whole_batch, problem
 from sync_checks import FUSED_CALLS, Ctx, check, sync_dual, sync_single
 
 import fused_residual
-from fused_residual.modules import batch_norm_call_args
+from fused_residual.modules import batch_norm_state, norm_call_args
 
 C = 3
 
@@ -203,7 +203,7 @@ class SyncNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn1(self.conv1(x), x)
-        a, a3 = batch_norm_call_args(self.bn2), batch_norm_call_args(self.bn3)
+        a, a3 = norm_call_args(batch_norm_state(self.bn2)), norm_call_args(batch_norm_state(self.bn3))
         return fused_residual.sync_dual_bn_add_relu(
             self.conv2(out), a.running_mean, a.running_var, a.weight, a.bias,
             self.conv3(x), a3.running_mean, a3.running_var, a3.weight, a3.bias, True, a.momentum,
@@ -292,7 +292,7 @@ def empty_rank_steps(ctx: Ctx):
     for _ in range(3):
         x, r = (torch.randn(n, C, 4, 4, generator=g).to(ctx.device).requires_grad_() for _ in range(2))
         bn(x, r).sum().backward()
-        a, a2 = batch_norm_call_args(bn), batch_norm_call_args(bn2)
+        a, a2 = norm_call_args(batch_norm_state(bn)), norm_call_args(batch_norm_state(bn2))
         fused_residual.sync_dual_bn_add_relu(x, a.running_mean, a.running_var, a.weight, a.bias, r,
                                              a2.running_mean, a2.running_var, a2.weight, a2.bias, True,
                                              backend=ctx.backend).sum().backward()

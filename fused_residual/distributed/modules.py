@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..backends import check_backend_name
 from ..functional import bn_add_relu
-from ..modules import BatchNormAddReLU2d, batch_norm_call_args
+from ..modules import BatchNormAddReLU2d, batch_norm_state, norm_call_args
 from .functional import sync_bn_add_relu
 
 
@@ -56,7 +56,7 @@ class SyncBatchNormAddReLU2d(nn.SyncBatchNorm):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        args = batch_norm_call_args(self)
+        args = norm_call_args(batch_norm_state(self))
         if residual is not None and residual.dtype != input.dtype:
             residual = residual.to(input.dtype)
         call = (input, residual, args.running_mean, args.running_var, args.weight, args.bias,
