@@ -1,0 +1,87 @@
+"""The GPU smoke selection, stage 1 of scripts/gpu_check.sh: `pytest -m smoke tests/`.
+
+This module: every fused backend x dtype (float32, bfloat16, float16) x layout (NCHW,
+channels_last) x mode (train and eval: bn_add_relu forward+backward; dual: dual_bn_add_relu
+training forward+backward) on a small odd shape and a ResNet-50 shape, against eager PyTorch
+and a float64 truth under the tolerance rule (tests/helpers.py), which runs all six ops of each
+backend; and the rest of the numerics contract of docs/op_layer.md: the mask bit set exactly
+where the output is > 0, and results bitwise equal run to run. Marked `smoke` elsewhere:
+NaN/Inf propagation (test_functional.py), CUDA-graph capture (test_ops.py), and one
+torch.compile(fullgraph=True) block forward+backward per backend (test_compile.py).
+
+Without a GPU the small shape runs (the extension's CPU kernels, Triton under its interpreter)
+and the ResNet-50 shape skips: it is sized for a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, FUSED_BACKENDS, check_against_reference, fused_fn, make_case, run_case
+from test_dual import check_dual, make_dual_case
+
+from fused_residual.backends import backend_ops
+from fused_residual.reference import unpack_mask, working_layout
+
+pytestmark = pytest.mark.smoke
+
+SMALL = (2, 3, 5, 7)  # odd sizes: the kernels' unaligned (flat) tiling and partial tiles
+RESNET50 = (32, 256, 56, 56)  # a conv2_x tail at N=32: aligned rows, many programs per channel
+SHAPES = [
+    pytest.param(SMALL, id="small"),
+    pytest.param(RESNET50, id="resnet50",
+                 marks=pytest.mark.skipif(DEVICE != "cuda", reason="a GPU-sized case")),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", FUSED_BACKENDS)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "dual"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(backend, shape, dtype, layout, mode):
+    if mode == "dual":
+        first, second = make_dual_case(shape, dtype, layout, layout)
+        check_dual(backend, first, second, training=True)
+    else:
+        check_against_reference(backend, *make_case(shape, dtype, layout), training=mode == "train",
+                                momentum=0.1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mask_bits_where_output_positive(backend, shape, dtype, layout):
+    """bn_apply and bn_dual_apply: bit e of the mask is set exactly where out > 0 (memory
+    order of the working layout); padding bits of the last byte are 0."""
+    ops = backend_ops(backend)
+    x, r, w, b, _, _ = make_case(shape, dtype, layout)
+    mean, var = ops.stats(x)
+    x2 = make_case(shape, dtype, layout, seed=1)[0]
+    mean2, var2 = ops.stats(x2)
+    for out, mask in (ops.apply(x, r, mean, var, w, b, 1e-5, True),
+                      ops.dual_apply(x, mean, var, w, b, x2, mean2, var2, w, b, 1e-5, 1e-5, True)):
+        assert torch.equal(unpack_mask(mask, x.shape, working_layout(x)), out > 0)
+        padding = mask.numel() * 8 - x.numel()  # the high bits of the last byte
+        assert padding == 0 or int(mask[-1]) >> (8 - padding) == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitwise_reproducible(backend, shape, dtype, layout):
+    """Two training forward+backward runs: equal outputs, gradients and running stats, bit
+    for bit."""
+    case = make_case(shape, dtype, layout)
+    first = run_case(fused_fn(backend), *case, training=True, momentum=0.1)
+    second = run_case(fused_fn(backend), *case, training=True, momentum=0.1)
+    assert torch.equal(first[0], second[0])
+    for key, grad in first[1].items():
+        assert torch.equal(grad, second[1][key]), key
+    assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
