@@ -13,17 +13,18 @@ Time budget. On a GPU the whole `pytest benchmarks/ --benchmark-only` must fit s
 scripts/gpu_check.sh: SESSION_BUDGET_S = 240 s. Each case's rounds come from a per-case
 budget of timed time: rounds = CASE_BUDGET_S / (seconds per round, from the warm-up), kept
 within [MIN_ROUNDS, MAX_ROUNDS]. The GPU session has 80 tail cases, 12 block cases and 4
-ResNet-50 steps. Timed: the tail and block rounds are well under a millisecond to a few ms,
-so each case stops at CASE_BUDGET_S = 0.15 s (92 x 0.15 s = 14 s); a bf16 ResNet-50 step at
-batch 128 is tens of ms, so it gets MIN_ROUNDS = 20 (4 x 20 x ~0.1 s = 8 s). Untimed,
-estimated for an H200 (not yet measured there): 20 tail graphs and 2 ResNet-50 training
-steps through torch.compile (about 2-3 s and 50-60 s each), the Triton JIT of the fused
-kernels at the benchmark shapes (about 0.17 s per kernel version), CUDA initialisation and
-imports (about 15 s): 14 + 8 + 50 + 115 + 10 + 15 = about 210 s. Once the session's wall
-time passes SESSION_BUDGET_S, the remaining cases drop to MIN_ROUNDS. The session prints its
-total wall time and each case's first call (compile / JIT included) as it finishes, so the
-first GPU run replaces these estimates with measurements. On a CPU the budget is looser (no
-stage to fit; the 2-core CI machine runs the benchmarks with --benchmark-disable only).
+ResNet-50 steps. Timed: tail and block rounds take well under a millisecond to a few ms, so
+each case stops at CASE_BUDGET_S (92 x 0.15 s = 14 s); a bf16 ResNet-50 step at batch 128
+takes tens of ms, so it gets MIN_ROUNDS (4 x 20 x ~0.1 s = 8 s). Untimed, estimated for an
+H200 (not measured there yet): torch.compile of the 20 tail graphs (~2.5 s each, 50 s) and of
+2 ResNet-50 training steps (~55 s each, 110 s); the Triton JIT of the fused kernels at the
+benchmark shapes (at most 8 kernel versions per shape and dtype/layout, 80 x ~0.17 s = 14 s);
+imports and CUDA initialisation (~15 s): 14 + 8 + 50 + 110 + 14 + 15 = 211 s. Once the
+session's wall time passes SESSION_BUDGET_S, the remaining cases drop to MIN_ROUNDS. The
+session prints each case as it finishes with its first call's time (compile and JIT
+included) and its total wall time, so the first GPU run replaces these estimates with
+measurements. On a CPU the budget is looser (no stage to fit; CI runs the benchmarks with
+--benchmark-disable, once each).
 
 Compile baselines (`compile_baseline`, `time_case(..., compiled=True)`): a fresh compiled
 function per case after `torch._dynamo.reset()`, the same options for every compiled

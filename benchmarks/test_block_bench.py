@@ -30,7 +30,7 @@ def block_id(block) -> str:
 
 @pytest.mark.parametrize("provider", ["eager", *FUSED])
 @pytest.mark.parametrize("mode", ["train_step", "eval_fwd"])
-@pytest.mark.parametrize("block", BLOCKS, ids=block_id)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "{}x{}-{}x{}x{}".format(*b))
 def test_block(benchmark, block, mode, provider):
     n, cin, cout, h, w = block
     torch.manual_seed(0)
