@@ -26,9 +26,11 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fused_residual
 from fused_residual.bench_utils import ResultRow, Spread, add_speedups, results_table
 
 PROVIDER_ORDER = ["eager", "compile", "extension", "triton"]

@@ -79,14 +79,17 @@ sys.exit(0 if 'extension' in b else 1)" 2>/dev/null
 
 build() {
   # sm_90 only (an H100/H200), all cores; the whole log is kept.
+  local rc
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    step "build (sm_90, ninja)" "$OUT/build.log" 300 \
+    step "build (sm_90, ninja)" "$OUT/build.log" "${GPU_CHECK_BUILD_LIMIT_S:-300}" \
     python -m pip install -v --no-build-isolation --no-deps -e .
+  rc=$?
   if [ "$STUB" = 1 ]; then
     note "$(python -c "import fused_residual as f; print('backends on cpu:', f.available_backends('cpu'))" 2>&1)"
   else
     note "$(extension_on_gpu 2>&1 || true)"
   fi
+  return $rc
 }
 
 sanitizer() {  # sanitizer TOOL: one case per kernel of every GPU backend (sanitizer_cases.py --quick)
