@@ -19,15 +19,23 @@
 # To refresh the repository's RESULTS.md: copy gpu.json to results/gpu-run1.json and run the
 # bench_report.py command at the top of RESULTS.md with it.
 #
-# Time. Measured here means on the project's 2-core CPU machine, with the GPU parts stubbed out
-# (GPU_CHECK_STUB=1: pytest only collects, compute-sanitizer is replaced by starting Python and
-# importing fused_residual), while 3-4 other sessions loaded it (load average ~10): upper bounds.
-# Estimated means not measured on a GPU yet: the first GPU run's status.txt replaces them.
-#   stage 1: build   measured TODO
-#            smoke   measured TODO s to start pytest and collect; estimated TODO
-#            sanitizer  estimated TODO
-#   stage 2: measured TODO s to start pytest and collect, TODO s for bench_report; estimated
-#            about 210 s for the session (benchmarks/bench_common.py has the arithmetic)
+# Time. "Measured": on the project's 2-core CPU machine with torch 2.11.0 + triton 3.6.0, the GPU
+# parts stubbed out (GPU_CHECK_STUB=1: pytest only starts and collects; compute-sanitizer is
+# replaced by starting Python and importing what sanitizer_cases.py imports), while 3-4 other
+# sessions loaded the machine (load average 8-15, wall times 5-10x the CPU seconds given).
+# "Estimated": not run on a GPU yet; the first GPU run's status.txt replaces these figures.
+#   stage 1, measured: machine step 3.5 s CPU; smoke pytest start + collection 7.5 s CPU;
+#            a sanitizer pass's start 7 s CPU. Build (sm_90): BUILD_MEASURED.
+#            estimated: build BUILD_ESTIMATE s on 16 cores (the slowest file, linking, pip);
+#            smoke tests ~50 s (start 5 s; Triton JIT of at most ~110 kernel versions x ~0.17 s
+#            = 19 s, scripts/count_triton_kernels.py counting 53 at the small shape and the
+#            ResNet-50 shape adding at most as many; two torch.compile block forward+backward
+#            ~10 s each; the checks ~5 s); sanitizer passes ~30 s each, beside the smoke tests.
+#            Stage 1: 5 + BUILD_ESTIMATE + 50 = STAGE1_ESTIMATE s, against 180 s.
+#   stage 2, measured: machine step, pytest start + collection and bench_report 15 s CPU.
+#            estimated: the benchmark session ~211 s (arithmetic in benchmarks/bench_common.py)
+#            + 10 s: ~220 s, against 240 s; cut at 235 s, the JSON still holds what finished.
+#   full,    estimated: ~877 Triton kernel versions (~2.5 min of JIT) plus the tests: 5-8 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -144,7 +152,7 @@ stage2() {
     json=results/cpu.json
   fi
   if [ -f "$json" ]; then
-    step "report (bench_report.py)" "$OUT/stage2.log" 60 python scripts/bench_report.py "$json" \
+    step "report (bench_report.py)" "$OUT/stage2.log" 120 python scripts/bench_report.py "$json" \
       --plot-dir "$OUT"
     [ "$STUB" = 1 ] && rm -f "$OUT/cpu.png"
   fi
