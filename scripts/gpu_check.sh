@@ -25,13 +25,19 @@
 # sessions loaded the machine (load average 8-15, wall times 5-10x the CPU seconds given).
 # "Estimated": not run on a GPU yet; the first GPU run's status.txt replaces these figures.
 #   stage 1, measured: machine step 3.5 s CPU; smoke pytest start + collection 7.5 s CPU;
-#            a sanitizer pass's start 7 s CPU. Build (sm_90): BUILD_MEASURED.
-#            estimated: build BUILD_ESTIMATE s on 16 cores (the slowest file, linking, pip);
+#            a sanitizer pass's start 7 s CPU. Build (sm_90, 2 jobs; ninja's log, per file, wall):
+#            csrc/cuda/bn_backward.cu 1078 s, bn_apply.cu 1030 s, cpu/bn_kernels_baseline.cpp 615 s,
+#            bn_add_relu_cpu.cpp 458 s, bn_dual_apply_cpu.cpp 449 s, bn_kernels_x86_avx2.cpp 254 s
+#            (bn_stats.cu and ops.cpp not timed: the load made them too slow to wait for). With
+#            the whole build at 249 s on 2 unloaded cores (issue 10), the load inflated these ~10x.
+#            estimated: build ~120 s on 16 cores (its slowest file, bn_backward.cu ~105 s, then
+#            linking and pip);
 #            smoke tests ~50 s (start 5 s; Triton JIT of at most ~110 kernel versions x ~0.17 s
 #            = 19 s, scripts/count_triton_kernels.py counting 53 at the small shape and the
 #            ResNet-50 shape adding at most as many; two torch.compile block forward+backward
 #            ~10 s each; the checks ~5 s); sanitizer passes ~30 s each, beside the smoke tests.
-#            Stage 1: 5 + BUILD_ESTIMATE + 50 = STAGE1_ESTIMATE s, against 180 s.
+#            Stage 1: 5 + 120 + 50 = 175 s, against 180 s: the build decides; MAX_JOBS and
+#            TORCH_CUDA_ARCH_LIST can be set from outside.
 #   stage 2, measured: machine step, pytest start + collection and bench_report 15 s CPU.
 #            estimated: the benchmark session ~211 s (arithmetic in benchmarks/bench_common.py)
 #            + 10 s: ~220 s, against 240 s; cut at 235 s, the JSON still holds what finished.
