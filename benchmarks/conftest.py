@@ -78,6 +78,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("")
         for line in summary_lines():
             terminalreporter.write_line(line)
+    if config.getoption("benchmark_disable", False):
+        terminalreporter.write_line(f"benchmark session: {wall:.1f} s wall (--benchmark-disable: each case "
+                                    "ran once, untimed)")
+        return
     verdict = "within" if wall <= SESSION_BUDGET_S else "OVER"
     terminalreporter.write_line(f"benchmark session: {wall:.1f} s wall, {verdict} the "
                                 f"{SESSION_BUDGET_S:.0f} s budget for {DEVICE} (benchmarks/bench_common.py)")
