@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_common import DEVICE, record
+from bench_common import DEVICE, record, time_case
 
 import fused_residual
 from fused_residual.bench_utils import synchronize
@@ -13,11 +13,11 @@ from fused_residual.seed import ResidualBlock
 if DEVICE == "cuda":
     # ResNet stage shapes, bf16 channels_last: (N, C_in, C_out, H, W).
     BLOCKS = [(128, 64, 64, 56, 56), (128, 256, 256, 14, 14)]
-    DTYPE, ROUNDS, WARMUP = torch.bfloat16, 20, 5
+    DTYPE = torch.bfloat16
 else:
     # The seed's shapes, small enough for a 2-core CPU.
     BLOCKS = [(8, 64, 64, 28, 28), (8, 32, 64, 28, 28)]
-    DTYPE, ROUNDS, WARMUP = torch.float32, 5, 2
+    DTYPE = torch.float32
 
 FUSED = [b for b in fused_residual.available_backends(DEVICE) if b != "reference"
          and not (b == "triton" and DEVICE == "cpu")]
@@ -30,7 +30,7 @@ def block_id(block) -> str:
 
 @pytest.mark.parametrize("provider", ["eager", *FUSED])
 @pytest.mark.parametrize("mode", ["train_step", "eval_fwd"])
-@pytest.mark.parametrize("block", BLOCKS, ids=block_id)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "{}x{}-{}x{}x{}".format(*b))
 def test_block(benchmark, block, mode, provider):
     n, cin, cout, h, w = block
     torch.manual_seed(0)
@@ -54,5 +54,5 @@ def test_block(benchmark, block, mode, provider):
         synchronize(DEVICE)
 
     benchmark.group = f"{block_id(block)} {mode}"
-    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    record(f"{block_id(block)} {mode}", provider, benchmark, {})
+    extra = time_case(benchmark, timed)
+    record(f"{block_id(block)} {mode}", provider, benchmark, extra)

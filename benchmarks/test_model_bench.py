@@ -28,7 +28,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_common import DEVICE, device_name, record
+from bench_common import DEVICE, compile_baseline, device_name, record, time_case
 
 import fused_residual
 from fused_residual.bench_utils import synchronize
@@ -36,10 +36,10 @@ from fused_residual.bench_utils import synchronize
 tv = pytest.importorskip("torchvision")
 
 if DEVICE == "cuda":
-    BATCH, IMAGE, DTYPE, CHANNELS_LAST, ROUNDS, WARMUP = 128, 224, torch.bfloat16, True, 20, 5
+    BATCH, IMAGE, DTYPE, CHANNELS_LAST = 128, 224, torch.bfloat16, True
     CASE = "resnet50 train step 128x3x224x224 bf16-autocast channels_last"
 else:
-    BATCH, IMAGE, DTYPE, CHANNELS_LAST, ROUNDS, WARMUP = 32, 64, torch.float32, False, 5, 1
+    BATCH, IMAGE, DTYPE, CHANNELS_LAST = 32, 64, torch.float32, False
     CASE = "resnet50 train step 32x3x64x64 float32 (CPU: 64x64 images)"
 
 PROVIDERS = ["eager", "eager+convert", "compile", "compile+convert"]
@@ -61,13 +61,13 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_resnet50_train_step(benchmark, provider):
     torch.manual_seed(0)
-    torch._dynamo.reset()
     model = tv.models.resnet50(num_classes=1000)
     if provider.endswith("+convert"):
         fused_residual.convert(model)
     fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
     model = model.to(device=DEVICE, memory_format=fmt).train()
-    net = torch.compile(model) if provider.startswith("compile") else model
+    compiled = provider.startswith("compile")
+    net = compile_baseline(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g).to(DEVICE).contiguous(memory_format=fmt)
@@ -83,13 +83,14 @@ def test_resnet50_train_step(benchmark, provider):
         synchronize(DEVICE)
         return loss
 
-    loss = step()  # compiles the compile providers; fills caches and the optimizer state
-    assert torch.isfinite(loss), loss
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     benchmark.group = CASE
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    extra: dict = {"device": device_name(), "batch": BATCH, "image": IMAGE, "dtype": str(DTYPE)}
+    # Warm-up compiles the compile providers and fills caches and the optimizer state; peak
+    # memory is read over the timed steps only.
+    extra = time_case(benchmark, step, compiled=compiled,
+                      before_timing=torch.cuda.reset_peak_memory_stats if DEVICE == "cuda" else None)
+    loss = step()
+    assert torch.isfinite(loss), loss
+    extra.update(device=device_name(), batch=BATCH, image=IMAGE, dtype=str(DTYPE))
     if DEVICE == "cuda":
         extra["peak_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     elif not provider.startswith("compile"):

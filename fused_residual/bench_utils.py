@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +119,85 @@ def tail_callable(problem: TailProblem, mode: str, forward: Callable[..., Tensor
         return torch.autograd.grad(out, leaves, p.grad)
 
     return run
+
+
+# --------------------------------------------------------------------------------------
+# Reporting: the spread of a case's rounds and the one Markdown results table, shared by
+# the benchmarks' end-of-session summary (benchmarks/bench_common.py) and RESULTS.md
+# (scripts/bench_report.py).
+# --------------------------------------------------------------------------------------
+
+COPY_NOTE = ("Above 100% of the copy bandwidth: a case's tensors (tens of MB) partly stay in the caches "
+             "between its passes, while the copy measurement streams 256 MiB (1 GiB on a GPU) past them.")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Per-round wall times of one case, in ms: median, quartiles, extremes and count."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    rounds: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Spread:
+        ms = sorted(s * 1e3 for s in seconds)
+        if not ms:
+            raise ValueError("Spread.of needs at least one round")
+        if len(ms) == 1:
+            return cls(ms[0], ms[0], ms[0], ms[0], ms[0], 1)
+        q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+        return cls(median, q1, q3, ms[0], ms[-1], len(ms))
+
+
+@dataclass
+class ResultRow:
+    """One provider on one case. GB/s and % of copy exist for the tail cases only; the
+    speedups are ratios of medians (`add_speedups`); `run_medians` is (lowest, highest)
+    median of the separate runs pooled into `spread`, when there were several."""
+
+    case: str
+    provider: str
+    spread: Spread
+    gbps: float | None = None
+    pct_of_copy: float | None = None
+    vs_eager: float | None = None
+    vs_compile: float | None = None
+    run_medians: tuple[float, float] | None = None
+
+
+def add_speedups(rows: Sequence[ResultRow]) -> None:
+    """vs_eager / vs_compile of every row whose case has an eager / compile row."""
+    medians: dict[tuple[str, str], float] = {(r.case, r.provider): r.spread.median for r in rows}
+    for row in rows:
+        eager, compiled = medians.get((row.case, "eager")), medians.get((row.case, "compile"))
+        row.vs_eager = None if eager is None else eager / row.spread.median
+        row.vs_compile = None if compiled is None else compiled / row.spread.median
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else format(value, spec) + suffix
+
+
+def results_table(rows: Sequence[ResultRow]) -> list[str]:
+    """Markdown table lines; a note follows when a case exceeds the copy bandwidth."""
+    several_runs = any(r.run_medians is not None for r in rows)
+    head = ["case", "provider", "median ms", "IQR ms", "min-max ms", "rounds"]
+    head += ["run medians ms"] if several_runs else []
+    head += ["GB/s", "% of copy", "vs eager", "vs compile"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        s = r.spread
+        cells = [r.case, r.provider, f"{s.median:.3f}", f"{s.q1:.3f}-{s.q3:.3f}", f"{s.min:.3f}-{s.max:.3f}",
+                 str(s.rounds)]
+        if several_runs:
+            cells.append("" if r.run_medians is None else f"{r.run_medians[0]:.3f}-{r.run_medians[1]:.3f}")
+        cells += [_fmt(r.gbps, ".1f"), _fmt(r.pct_of_copy, ".0f", "%"), _fmt(r.vs_eager, ".2f", "x"),
+                  _fmt(r.vs_compile, ".2f", "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r.pct_of_copy is not None and r.pct_of_copy > 100 for r in rows):
+        lines += ["", COPY_NOTE]
+    return lines

@@ -1,16 +1,23 @@
 """Turn pytest-benchmark JSON files (from benchmarks/) into Markdown tables, plots and RESULTS.md.
 
-    pytest benchmarks/ --benchmark-only --benchmark-json=results/cpu.json
-    python scripts/bench_report.py results/cpu.json [results/gpu.json] \\
+Regenerate the repository's CPU results (three runs, pooled; about 15 minutes on 2 cores):
+
+    for run in 1 2 3; do
+        pytest benchmarks/ --benchmark-only --benchmark-json=results/cpu-run$run.json
+    done
+    python scripts/bench_report.py results/cpu-run*.json [results/gpu-run*.json] \\
         --results RESULTS.md --plot-dir results
 
-Per JSON: one table row per case (shape x dtype x layout x mode) and provider with ms, GB/s,
-% of the copy bandwidth and speedups over eager and torch.compile (all read from the
-`extra_info` that benchmarks/bench_common.py writes), a headline (geometric-mean speedups of
-each fused backend over eager and torch.compile, training forward+backward), and a PNG of
-effective GB/s per case with the measured copy bandwidth as a line. Every number comes from
-the JSON; none is typed in. With `--results`, RESULTS.md is written whole from them; a
-device without a JSON is listed as "not measured yet".
+JSON files of the same device are runs of one section: each case's figures pool the rounds
+of every run (median, interquartile range and min-max over all rounds) and, with several
+runs, give the lowest and highest per-run median, the run-to-run spread that a single run
+hides. Per case (shape x dtype x layout x mode) and provider: those times, effective GB/s
+(ideal bytes from the JSON's extra_info / median time), % of the copy bandwidth measured in
+the same runs, and speedups over eager and torch.compile (ratios of pooled medians). A
+headline gives the geometric-mean speedups of each fused backend for training
+forward+backward; a PNG per device shows GB/s per case with the IQR as error bars and the
+copy bandwidth as a line. Every number comes from the JSON; none is typed in. With
+`--results`, RESULTS.md is written whole; a device without a JSON is "not measured yet".
 """
 
 from __future__ import annotations
@@ -18,85 +25,108 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fused_residual
+from fused_residual.bench_utils import ResultRow, Spread, add_speedups, results_table
+
 PROVIDER_ORDER = ["eager", "compile", "extension", "triton"]
+REGENERATE = ("for run in 1 2 3; do pytest benchmarks/ --benchmark-only "
+              "--benchmark-json=results/cpu-run$run.json; done; python scripts/bench_report.py "
+              "results/cpu-run*.json --results RESULTS.md --plot-dir results")
 
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, dict]]]:
+    """(run metadata, case -> provider -> {"info": extra_info, "seconds": per-round times})."""
     data = json.loads(path.read_text())
     meta = dict(data.get("machine_info", {}).get("fused_residual", {}))
     meta["datetime"] = data.get("datetime", "")
     meta["cpu"] = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "")
     meta["python"] = data.get("machine_info", {}).get("python_version", "")
+    meta["path"] = str(path)
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
-        info = dict(bench.get("extra_info", {}))
-        info.setdefault("ms", bench["stats"]["median"] * 1e3)
-        cases[bench["group"]][bench["params"]["provider"]] = info
+        seconds = bench["stats"].get("data") or [bench["stats"]["median"]]
+        cases[bench["group"]][bench["params"]["provider"]] = {"info": bench.get("extra_info", {}),
+                                                              "seconds": seconds}
     return meta, cases
-
-
-def _cell(info: dict, key: str, fmt: str) -> str:
-    value = info.get(key)
-    return "" if value is None else format(value, fmt)
-
-
-def table(cases: dict[str, dict[str, dict]]) -> str:
-    lines = ["| case | provider | ms | GB/s | % of copy | vs eager | vs compile |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for case, providers in cases.items():
-        for provider in sorted(providers, key=_provider_rank):
-            info = providers[provider]
-            cells = [case, provider, _cell(info, "ms", ".3f"), _cell(info, "GBps", ".1f"),
-                     _cell(info, "pct_of_copy", ".0f"), _cell(info, "speedup_vs_eager", ".2f"),
-                     _cell(info, "speedup_vs_compile", ".2f")]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _provider_rank(provider: str) -> int:
     return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
 
 
-def headline(cases: dict[str, dict[str, dict]], mode: str = "train_fwdbwd") -> list[str]:
+def pooled_rows(runs: list[tuple[dict, dict]]) -> list[ResultRow]:
+    """One row per case and provider over all runs: pooled rounds, GB/s, % of copy, speedups."""
+    copies = [meta["copy_GBps"] for meta, _ in runs if meta.get("copy_GBps")]
+    copy = statistics.median(copies) if copies else None
+    merged: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for _, cases in runs:
+        for case, providers in cases.items():
+            for provider, result in providers.items():
+                merged[case][provider].append(result)
+    rows = []
+    for case, providers in merged.items():
+        for provider in sorted(providers, key=_provider_rank):
+            results = providers[provider]
+            spread = Spread.of([s for r in results for s in r["seconds"]])
+            medians = [Spread.of(r["seconds"]).median for r in results]
+            row = ResultRow(case, provider, spread,
+                            run_medians=(min(medians), max(medians)) if len(results) > 1 else None)
+            nbytes = results[0]["info"].get("ideal_bytes")
+            if nbytes:
+                row.gbps = nbytes / spread.median / 1e6
+                row.pct_of_copy = 100 * row.gbps / copy if copy else None
+            rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def headline(rows: list[ResultRow], mode: str = "train_fwdbwd") -> list[str]:
     """Geometric-mean speedup of each fused provider over eager and compile, over `mode` cases."""
     lines = []
-    fused = sorted({p for ps in cases.values() for p in ps} - {"eager", "compile"}, key=_provider_rank)
+    fused = sorted({r.provider for r in rows} - {"eager", "compile"}, key=_provider_rank)
     for provider in fused:
         for baseline in ("eager", "compile"):
-            ratios = [ps[provider][f"speedup_vs_{baseline}"] for case, ps in cases.items()
-                      if case.endswith(mode) and provider in ps and f"speedup_vs_{baseline}" in ps[provider]]
+            ratios = [getattr(r, f"vs_{baseline}") for r in rows
+                      if r.provider == provider and r.case.endswith(mode)
+                      and getattr(r, f"vs_{baseline}") is not None]
             if ratios:
-                geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+                geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
                 lines.append(f"- {provider} vs {baseline}, {mode}: geometric mean {geo:.2f}x over "
-                             f"{len(ratios)} case(s), min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+                             f"{len(ratios)} case(s), min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+                             "(ratios of pooled medians)")
     return lines
 
 
-def plot(cases: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
+def plot(rows: list[ResultRow], copy: float | None, path: Path, title: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(case, ps) for case, ps in cases.items() if any("GBps" in info for info in ps.values())]
-    if not rows:
+    cases = list(dict.fromkeys(r.case for r in rows if r.gbps is not None))
+    if not cases:
         return False
-    providers = sorted({p for _, ps in rows for p in ps}, key=_provider_rank)
+    by_key = {(r.case, r.provider): r for r in rows}
+    providers = sorted({r.provider for r in rows if r.gbps is not None}, key=_provider_rank)
     width = 0.8 / len(providers)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.35 * len(rows) * len(providers)), 5.5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.35 * len(cases) * len(providers)), 5.5))
     for i, provider in enumerate(providers):
-        xs = [k + i * width for k in range(len(rows))]
-        ax.bar(xs, [ps.get(provider, {}).get("GBps", 0) for _, ps in rows], width, label=provider)
-    copy = next((info["copy_GBps"] for _, ps in rows for info in ps.values()
-                 if info.get("copy_GBps") == info.get("copy_GBps") and info.get("copy_GBps")), None)
+        found = [(k, by_key[(case, provider)]) for k, case in enumerate(cases) if (case, provider) in by_key]
+        gbps = [r.gbps for _, r in found]
+        # GB/s at the quartile times: the slower quartile gives the lower bar end.
+        low = [g - g * r.spread.median / r.spread.q3 for g, (_, r) in zip(gbps, found, strict=True)]
+        high = [g * r.spread.median / r.spread.q1 - g for g, (_, r) in zip(gbps, found, strict=True)]
+        ax.bar([k + i * width for k, _ in found], gbps, width, yerr=[low, high], capsize=2, label=provider)
     if copy:
         ax.axhline(copy, color="black", linestyle="--", label=f"copy bandwidth {copy:.0f} GB/s")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(rows))])
-    ax.set_xticklabels([case for case, _ in rows], rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("effective GB/s (ideal bytes / median time)")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("GB/s: ideal bytes / median time (bars: IQR)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -105,52 +135,57 @@ def plot(cases: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
-def section(path: Path, plot_dir: Path | None) -> str:
-    meta, cases = load(path)
+def section(runs: list[tuple[dict, dict]], plot_dir: Path | None) -> str:
+    meta = runs[0][0]
     device = meta.get("device_name") or meta.get("cpu") or "unknown device"
     kind = "GPU" if meta.get("device") == "cuda" else "CPU"
     title = f"{kind}: {device}"
-    lines = [f"## {title}", "",
-             f"- measured {meta.get('datetime', '')[:19].replace('T', ' ')} UTC; torch {meta.get('torch')}, "
-             f"triton {meta.get('triton')}, Python {meta.get('python')}",
-             f"- copy bandwidth measured in the same run: {meta.get('copy_GBps')} GB/s",
-             f"- command: `pytest benchmarks/ --benchmark-only --benchmark-json={path}`, then "
-             f"`python scripts/bench_report.py {path} ...`", ""]
-    lines += [*headline(cases), ""]
-    if any(info.get("pct_of_copy", 0) > 100 for ps in cases.values() for info in ps.values()):
-        lines += ["Above 100% of the copy bandwidth: a case's tensors (tens of MB) partly stay in the "
-                  "caches between its passes, while the copy measurement streams 256 MiB "
-                  "(1 GiB on a GPU) past them.", ""]
+    rows = pooled_rows(runs)
+    copies = [m["copy_GBps"] for m, _ in runs if m.get("copy_GBps")]
+    lines = [f"## {title}", "", f"{len(runs)} run(s), pooled:"]
+    for m, _ in runs:
+        wall = f", session {m['session_wall_s']} s" if m.get("session_wall_s") else ""
+        lines.append(f"- `{m['path']}`: {m.get('datetime', '')[:19].replace('T', ' ')} UTC; torch "
+                     f"{m.get('torch')}, triton {m.get('triton')}, Python {m.get('python')}; copy "
+                     f"bandwidth {m.get('copy_GBps')} GB/s{wall}")
+    lines += ["", f"Copy bandwidth (median of the runs): {statistics.median(copies):.1f} GB/s." if copies
+              else "Copy bandwidth: not measured.", "", *headline(rows), ""]
     if plot_dir is not None:
-        png = plot_dir / (path.stem + ".png")
-        if plot(cases, png, title):
+        png = plot_dir / f"{kind.lower()}.png"
+        if plot(rows, statistics.median(copies) if copies else None, png, title):
             lines += [f"![effective GB/s per case]({png})", ""]
-    lines.append(table(cases))
-    return "\n".join(lines)
+    lines += results_table(rows)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("json", type=Path, nargs="+")
+    parser.add_argument("json", type=Path, nargs="+", help="runs; files of the same device are pooled")
     parser.add_argument("--results", type=Path, help="write a whole RESULTS.md from the JSON files")
-    parser.add_argument("--plot-dir", type=Path, help="folder for one PNG per JSON")
+    parser.add_argument("--plot-dir", type=Path, help="folder for one PNG per device (cpu.png, gpu.png)")
     args = parser.parse_args()
     if args.plot_dir is not None:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
-    sections = [section(path, args.plot_dir) for path in args.json]
-    text = "\n".join(sections)
+    devices: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+    for path in args.json:
+        meta, cases = load(path)
+        devices[(meta.get("device"), meta.get("device_name"))].append((meta, cases))
+    text = "\n".join(section(runs, args.plot_dir) for runs in devices.values())
     if args.results is not None:
-        kinds = [load(path)[0].get("device") for path in args.json]
         intro = ["# Results", "",
                  "Generated by `scripts/bench_report.py` from pytest-benchmark JSON files written by "
-                 "`pytest benchmarks/ --benchmark-only`; nothing here is typed in. Effective GB/s use "
-                 "`fused_residual.bench_utils.ideal_bytes` (forward: read input and residual, write "
-                 "output; forward+backward adds grad_out and input reads, grad_input and "
-                 "grad_residual writes, and the 1-bit mask). Speedups are against eager PyTorch and "
-                 "`torch.compile(dynamic=False)` of the same function, in the same run.", ""]
-        if "cuda" not in kinds:
+                 "`pytest benchmarks/ --benchmark-only`; nothing here is typed in. Regenerate the CPU "
+                 f"section with `{REGENERATE}`; the GPU one from `bash scripts/gpu_check.sh 2`'s gpu.json. "
+                 "Times are per round (one call, device synchronised): median, interquartile range and "
+                 "min-max over every round of every run, and the lowest and highest per-run median. "
+                 "Effective GB/s use `fused_residual.bench_utils.ideal_bytes` (forward: read input and "
+                 "residual, write output; forward+backward adds grad_out and input reads, grad_input "
+                 "and grad_residual writes, and the 1-bit mask). Speedups are ratios of medians against "
+                 "eager PyTorch and a torch.compile(fullgraph=True, dynamic=False) baseline compiled "
+                 "afresh for each case and warmed up (benchmarks/bench_common.py).", ""]
+        if "cuda" not in {device for device, _ in devices}:
             intro += ["## GPU", "", "Not measured yet: no GPU run of `bash scripts/gpu_check.sh` has "
                       "been made. No GPU figure is claimed anywhere in this project until one is.", ""]
         args.results.write_text("\n".join(intro) + "\n" + text)

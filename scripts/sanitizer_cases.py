@@ -16,11 +16,15 @@ import fused_residual
 from fused_residual.backends import backend_ops
 
 
-def run_backend(name: str) -> None:
+def run_backend(name: str, quick: bool = False) -> None:
     ops = backend_ops(name)
-    for dtype in (torch.float32, torch.bfloat16):
+    # --quick (stage 1 of gpu_check.sh): each kernel once, float32; the second shape's rows are
+    # whole mask bytes in both layouts, the first shape's in neither.
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    shapes = ((3, 5, 7, 3), (2, 64, 4, 4)) if quick else ((3, 5, 7, 3), (2, 64, 9, 9))
+    for dtype in dtypes:
         for channels_last in (False, True):
-            for shape in ((3, 5, 7, 3), (2, 64, 9, 9)):
+            for shape in shapes:
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
                 r = torch.randn_like(x)
@@ -46,10 +50,11 @@ def run_backend(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backends", nargs="*", default=None)
+    parser.add_argument("--quick", action="store_true", help="one case per kernel, float32 only")
     args = parser.parse_args()
     names = args.backends or [b for b in fused_residual.available_backends("cuda") if b != "reference"]
     for name in names:
-        run_backend(name)
+        run_backend(name, args.quick)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def _fresh_dynamo():
 
 
 @pytest.mark.parametrize("backend", COMPILABLE)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+# Training (the one with the running-stat update and the full backward) is in the GPU smoke run.
+@pytest.mark.parametrize("training", [pytest.param(True, marks=pytest.mark.smoke), False],
+                         ids=["train", "eval"])
 def test_compiled_block_forward_backward(backend, training):
     torch.manual_seed(0)
     eager = fused_residual.FusedResidualBlock(4, 8, backend=backend).to(DEVICE).train(training)

@@ -118,6 +118,7 @@ def test_output_keeps_memory_format(backend):
     assert fused_residual.bn_add_relu(x, r, rm, rv, w, b, True, backend=backend).is_contiguous()
 
 
+@pytest.mark.smoke
 def test_nan_and_inf_propagate(backend):
     x, r, w, b, rm, rv = make_case((2, 3, 4, 4), torch.float32)
     x = x.clone()

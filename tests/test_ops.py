@@ -147,6 +147,7 @@ def test_misaligned_storage(backend):
                      torch.float32)
 
 
+@pytest.mark.smoke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_cuda_graph_capture(backend):

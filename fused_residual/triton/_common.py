@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import os
 import struct
+from collections.abc import Callable
 
 import torch
 import triton
@@ -67,6 +68,35 @@ def wrap_triton(kernel):
     if INTERPRETED:
         return _InterpretedLaunch(kernel)
     return torch.library.wrap_triton(kernel)
+
+
+def triton_op(name: str, *, mutates_args: tuple[str, ...], schema: str) -> Callable[[Callable], object]:
+    """`torch.library.triton_op` registered with exactly `schema`, on every supported torch.
+
+    torch 2.11's `triton_op` accepts `schema=` but registers the schema inferred from the
+    function's annotations instead (`torch._library.triton`: `schema=infer_schema(fn, ...)`),
+    which loses the return names and turns `int` into `SymInt`, so the Triton ops would not
+    have the extension's schemas (csrc/ops.cpp). Later versions pass `schema` through. For the
+    registration only, the inference that module calls answers `schema` for this function;
+    on a torch that honours `schema=` it is never called."""
+
+    def register(fn: Callable) -> object:
+        import torch._library.triton as triton_library
+
+        inferred = getattr(triton_library, "infer_schema", None)
+
+        def infer_schema(f: Callable, *args: object, **kwargs: object) -> str:
+            return schema if f is fn else inferred(f, *args, **kwargs)
+
+        if inferred is not None:
+            triton_library.infer_schema = infer_schema
+        try:
+            return torch.library.triton_op(name, mutates_args=mutates_args, schema=schema)(fn)
+        finally:
+            if inferred is not None:
+                triton_library.infer_schema = inferred
+
+    return register
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
 from ._common import (
     channel_affine,
@@ -43,6 +42,7 @@ from ._common import (
     per_channel,
     prepare_input,
     split_f64,
+    triton_op,
     wrap_triton,
 )
 

@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
 from ._common import (
     check_mask,
@@ -55,6 +54,7 @@ from ._common import (
     rstd,
     split_f64,
     to_acc,
+    triton_op,
     wrap_triton,
 )
 

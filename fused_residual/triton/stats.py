@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
 from ..reference import acc_dtype
 from ._common import (
@@ -54,6 +53,7 @@ from ._common import (
     split_f64,
     store_rounded,
     to_acc,
+    triton_op,
     wrap_triton,
 )
 
