@@ -112,7 +112,7 @@ def _extensions() -> list:
         _default_arch_list()
         _BUILD["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"]
         _PLAN.append(f"CUDA kernels for architectures {_BUILD['cuda_archs']} (TORCH_CUDA_ARCH_LIST): "
-             f"{' '.join(cuda_sources)}")
+                     f"{' '.join(cuda_sources)}")
         return [
             CUDAExtension(
                 "fused_residual._C",
