@@ -14,6 +14,13 @@ of the pre-ReLU sum, dy = grad_out * mask, flows unchanged into both BatchNorms,
 runs the single-BatchNorm backward (reduce, then apply with no residual gradient) on the
 shared mask. Both Functions build on the same per-BatchNorm steps (`batch_statistics`,
 `bn_backward`).
+
+Second derivatives (gradient penalties: `torch.autograd.grad(..., create_graph=True)`): the
+fused backward ops are not differentiable, so when a backward runs with grad mode on it runs
+the same steps with `REFERENCE_OPS`, the op layer in ordinary PyTorch ops, on the saved
+tensors: the saved mask gives the ReLU's gradient (its own derivative is 0 almost
+everywhere), and in training the batch mean/var are recomputed from the saved input, since
+they depend on it. Autograd then differentiates that backward like any other graph.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backends import BackendOps, backend_ops
-from .reference import working_layout
+from .backends import REFERENCE_OPS, BackendOps, backend_ops
+from .reference import bn_stats_reference, working_layout
 
 
 def values_per_channel(input: Tensor) -> int:
@@ -144,6 +151,21 @@ def bn_backward(
     )
 
 
+def backward_ops(ops_name: str) -> BackendOps:
+    """The ops a backward runs: the fused backend's, or under grad mode (create_graph=True,
+    a double backward to come) the differentiable reference ops."""
+    return REFERENCE_OPS if torch.is_grad_enabled() else backend_ops(ops_name)
+
+
+def backward_statistics(ops: BackendOps, input: Tensor, mean: Tensor, var: Tensor,
+                        training: bool) -> tuple[Tensor, Tensor]:
+    """The saved (mean, var), or for a differentiable backward in training the batch's,
+    recomputed from the input so that their dependence on it is part of the graph."""
+    if training and ops is REFERENCE_OPS:
+        return bn_stats_reference(input)
+    return mean, var
+
+
 class FusedBatchNormAddReLU(torch.autograd.Function):
     """relu(batch_norm(input) + residual) with a fused backward; see module docstring."""
 
@@ -175,8 +197,10 @@ class FusedBatchNormAddReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         input, mask, mean, var, weight = ctx.saved_tensors
+        ops = backward_ops(ctx.ops_name)
+        mean, var = backward_statistics(ops, input, mean, var, ctx.training)
         grads = bn_backward(
-            backend_ops(ctx.ops_name), grad_out, mask, input, mean, var, weight, ctx.bias_dtype,
+            ops, grad_out, mask, input, mean, var, weight, ctx.bias_dtype,
             ctx.training, ctx.eps, tuple(ctx.needs_input_grad[:4]),
         )
         return (*grads, None, None, None, None, None, None)
@@ -217,9 +241,8 @@ class FusedDualBatchNormAddReLU(torch.autograd.Function):
         out, mask, (mean, var), (mean2, var2) = fused_dual_forward(
             ops_name, input, bn, input2, bn2, save_mask=True
         )
-        # The mask is in input's working layout (memory order), and the backward ops read a
-        # mask in their input's: input2 is saved in input's layout (no copy when it is).
-        input2 = input2.contiguous(memory_format=working_layout(input))
+        # input2 is saved as given (not in input's layout): a copy made here would carry no
+        # autograd history, and a double backward would lose its dependence on input2.
         ctx.save_for_backward(input, input2, mask, mean, var, mean2, var2, weight, weight2)
         ctx.training = (training, training2)
         ctx.eps = (eps, eps2)
@@ -230,11 +253,15 @@ class FusedDualBatchNormAddReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         input, input2, mask, mean, var, mean2, var2, weight, weight2 = ctx.saved_tensors
-        ops = backend_ops(ctx.ops_name)
+        # The mask is in input's working layout (memory order), and the backward ops read a
+        # mask in their input's: input2 in input's layout (no copy when it is).
+        input2 = input2.contiguous(memory_format=working_layout(input))
+        ops = backward_ops(ctx.ops_name)
         needs = ctx.needs_input_grad
         grads = []
         for i, (x, m, v, w) in enumerate(((input, mean, var, weight), (input2, mean2, var2, weight2))):
             need_input, need_weight, need_bias = needs[3 * i: 3 * i + 3]
+            m, v = backward_statistics(ops, x, m, v, ctx.training[i])
             grad_input, _, grad_weight, grad_bias = bn_backward(
                 ops, grad_out, mask, x, m, v, w, ctx.bias_dtype[i], ctx.training[i], ctx.eps[i],
                 (need_input, False, need_weight, need_bias),

@@ -12,12 +12,15 @@ choice is made from the tensor's device.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from . import ops as _ops
+from . import reference as _reference
 
 BACKEND_NAMES = ("extension", "triton", "reference")
 _CHOICES = (*BACKEND_NAMES, "auto")
@@ -25,18 +28,43 @@ _CHOICES = (*BACKEND_NAMES, "auto")
 
 @dataclass(frozen=True)
 class BackendOps:
-    """One fused backend's primitive ops (the OpOverloads, in the order a step calls them)."""
+    """One backend's primitive ops, in the order a step calls them: a fused backend's
+    OpOverloads, or the reference's plain-PyTorch functions (`REFERENCE_OPS`)."""
 
     name: str
-    stats: torch._ops.OpOverload
-    update_running_stats: torch._ops.OpOverload
-    apply: torch._ops.OpOverload
-    backward_reduce: torch._ops.OpOverload
-    backward_apply: torch._ops.OpOverload
-    dual_apply: torch._ops.OpOverload
+    stats: Callable
+    update_running_stats: Callable
+    apply: Callable
+    backward_reduce: Callable
+    backward_apply: Callable
+    dual_apply: Callable
+
+
+# The op layer written in ordinary (differentiable) PyTorch ops. The autograd.Functions run
+# their backward with these when it must itself be differentiable (create_graph=True).
+REFERENCE_OPS = BackendOps(
+    "reference",
+    _reference.bn_stats_reference,
+    _reference.bn_update_running_stats_reference,
+    _reference.bn_apply_reference,
+    _reference.bn_backward_reduce_reference,
+    _reference.bn_backward_apply_reference,
+    _reference.bn_dual_apply_reference,
+)
 
 
 _OP_PREFIX = {"extension": "", "triton": "triton_"}
+
+
+def assume_constant_result(fn: Callable) -> Callable:
+    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo (about a
+    second) at `import fused_residual`: that decorator only marks `fn` with the attribute
+    below, which Dynamo reads when it traces a call (tests/test_compile.py checks the two
+    agree). Once torch._dynamo is imported, torch's own decorator is used."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 def backend_ops(name: str) -> BackendOps:
@@ -54,34 +82,69 @@ def backend_ops(name: str) -> BackendOps:
     )
 
 
-def _extension_serves(device_type: str) -> bool:
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_NO_GPU = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_residual::{op}", key)
+
+
+def _extension_unavailable(device_type: str) -> str | None:
     if not _ops.EXTENSION_LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_residual::bn_apply", key
-    )
+        return _ops.EXTENSION_ERROR
+    if not _has_kernel("bn_apply", device_type):
+        if device_type != "cuda":
+            return f"no kernels for {device_type} tensors"
+        why = _ops.BUILD_INFO.WHY_NO_CUDA if _ops.BUILD_INFO is not None else "unknown"
+        return (f"the extension was built without CUDA kernels ({why}); rebuild it with torch's "
+                f"CUDA build and nvcc: {_ops.rebuild_command()}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return _NO_GPU
+    return None
+
+
+def _triton_unavailable(device_type: str) -> str | None:
+    try:
+        from . import triton as _triton
+    except Exception as exc:
+        return f"fused_residual.triton failed to import ({type(exc).__name__}: {exc})"
+    if not _triton.TRITON_AVAILABLE:
+        return "triton is not installed (pip install triton)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return _NO_GPU
+    if device_type == "cpu" and not _triton.available("cpu"):
+        return ("Triton kernels run on CUDA (on CPU only in Triton's interpreter, "
+                "TRITON_INTERPRET=1, for tests)")
+    if not _triton.available(device_type):
+        return f"no kernels for {device_type} tensors"
+    return None
+
+
+def why_unavailable(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run `device_type` tensors in this process, or None when it
+    can (a fused backend is listed for CUDA only where a GPU is visible)."""
+    if name == "extension":
+        return None if _extension_serves(device_type) else _extension_unavailable(device_type)
+    if name == "triton":
+        return _triton_unavailable(device_type)
+    return None if name == "reference" else f"unknown backend {name!r}"
+
+
+def _extension_serves(device_type: str) -> bool:
+    return _extension_unavailable(device_type) is None
 
 
 # Constant under torch.compile, like resolve_backend: no graph break.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def dual_apply_served(name: str, device_type: str) -> bool:
     """Whether fused backend `name` has a `bn_dual_apply` kernel for `device_type`: the
     extension where its build registered one for that dispatch key (CPU and CUDA builds
     do), the Triton backend wherever it runs."""
     if name == "extension":
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-        return (_extension_serves(device_type) and key is not None
-                and torch._C._dispatch_has_kernel_for_dispatch_key("fused_residual::bn_dual_apply", key))
+        return _extension_serves(device_type) and _has_kernel("bn_dual_apply", device_type)
     return _serves(name, device_type)
-
-
-def _triton_serves(device_type: str) -> bool:
-    try:
-        from . import triton as _triton
-    except Exception:
-        return False
-    return _triton.available(device_type)
 
 
 def _device_type(device: torch.device | str | None) -> str:
@@ -112,9 +175,7 @@ def _preference(device_type: str) -> tuple[str, ...]:
 def _serves(name: str, device_type: str) -> bool:
     if name == "extension":
         return _extension_serves(device_type)
-    if name == "triton":
-        return _triton_serves(device_type)
-    return name == "reference"
+    return why_unavailable(name, device_type) is None
 
 
 _warned_fallback = False
@@ -127,7 +188,7 @@ def check_backend_name(backend: str) -> None:
 
 # torch.compile evaluates this once per (backend, device type) while tracing and keeps the
 # answer as a constant, so resolving a backend never breaks the graph.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def resolve_backend(backend: str, device_type: str) -> str:
     """Turn a user's backend choice into a concrete name for a device type, or raise ValueError."""
     if backend not in _CHOICES:
@@ -142,12 +203,10 @@ def resolve_backend(backend: str, device_type: str) -> str:
         _warn_fallback(device_type)
         return "reference"
     if backend != "reference" and not _serves(backend, device_type):
-        why = ""
-        if backend == "extension" and not _ops.EXTENSION_LOADED:
-            why = f" (the extension failed to load: {_ops.EXTENSION_ERROR})"
+        why = why_unavailable(backend, device_type)
         raise ValueError(
-            f"backend {backend!r} is unavailable for {device_type} tensors here{why}; "
-            f"available: {available_backends(device_type)}"
+            f"backend {backend!r} is unavailable for {device_type} tensors here"
+            f"{f' ({why})' if why else ''}; available: {available_backends(device_type)}"
         )
     return backend
 
@@ -157,9 +216,13 @@ def _warn_fallback(device_type: str) -> None:
     if _warned_fallback:
         return
     _warned_fallback = True
-    reason = _ops.EXTENSION_ERROR or f"no fused kernels for {device_type} tensors here"
+    if device_type == "cpu" and not _ops.EXTENSION_LOADED:
+        return  # `import fused_residual` already warned, with the reason and the fix
+    reasons = "; ".join(f"{name}: {why_unavailable(name, device_type) or 'not picked by auto here'}"
+                        for name in _preference(device_type))
     warnings.warn(
-        f"fused_residual: backend 'auto' falls back to the unfused 'reference' backend ({reason})",
+        f"fused_residual: backend 'auto' falls back to the unfused 'reference' backend for "
+        f"{device_type} tensors ({reasons})",
         RuntimeWarning,
         stacklevel=3,
     )

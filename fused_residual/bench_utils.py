@@ -1,4 +1,5 @@
-"""Shared measurement pieces: the ideal-bytes model, the problem builder and a timer.
+"""Shared measurement pieces: the ideal-bytes model, the problem builder, a timer that keeps
+the spread of its repetitions, and the one way dtypes are printed.
 
 Used by `python -m fused_residual` and by benchmarks/, so that every GB/s figure in this
 project comes from one definition.
@@ -42,9 +43,35 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
-              reps: int = 10) -> float:
-    """Median wall time of `fn` in ms, synchronising the device around each call."""
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated runs of one case, in ms: the median and the spread."""
+
+    times_ms: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def min(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def max(self) -> float:
+        return max(self.times_ms)
+
+    def format(self, digits: int = 3) -> str:
+        """`median [min-max]`, e.g. `4.580 [4.310-6.020]`."""
+        return f"{self.median:.{digits}f} [{self.min:.{digits}f}-{self.max:.{digits}f}]"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
+            reps: int = 10) -> Timing:
+    """Wall time of each of `reps` calls of `fn` after `warmup` untimed ones, synchronising
+    the device around each call."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -54,7 +81,12 @@ def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int 
         fn()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return Timing(tuple(times))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32` for torch.float32: the one way this project prints a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass

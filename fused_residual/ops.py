@@ -8,6 +8,12 @@ are shared by the Triton backend's ops, which have the same signatures.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import warnings
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -23,22 +29,62 @@ OP_NAMES = (
 )
 
 
+def rebuild_command() -> str:
+    """The exact command that rebuilds the extension against the running torch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, "setup.py")):  # a source checkout (editable install)
+        return f"cd {root} && pip install --no-build-isolation -e ."
+    return ("from the fused_residual source directory: pip install --no-build-isolation . "
+            "(plain `pip install .` builds in an isolated environment against the newest torch, "
+            "not the installed one)")
+
+
+def _read_build_info() -> ModuleType | None:
+    """fused_residual/_build_info.py, written by setup.py next to _C; None when absent."""
+    try:
+        return importlib.import_module(f"{__package__}._build_info")
+    except ImportError:
+        return None
+
+
+def build_mismatch(build_info: ModuleType | None, torch_version: str) -> str | None:
+    """Why an extension built as `build_info` says must not be loaded under `torch_version`
+    (its C++ ABI is that torch's exactly), or None."""
+    if build_info is None or build_info.TORCH_VERSION == torch_version:
+        return None
+    return (f"fused_residual._C was compiled against torch {build_info.TORCH_VERSION} (CUDA "
+            f"{build_info.TORCH_CUDA_VERSION}) but torch {torch_version} (CUDA {torch.version.cuda}) "
+            f"is running")
+
+
 def _load_extension() -> str | None:
     """Import the compiled extension; return why it is unusable, or None when it loaded."""
+    fix = f"To fix, with the torch you run installed first: {rebuild_command()}"
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return f"fused_residual._C is not built. {fix}"
+    mismatch = build_mismatch(BUILD_INFO, torch.__version__)
+    if mismatch is not None:
+        return f"{mismatch}. {fix}"
     try:
-        from . import _C  # noqa: F401  (loading the library registers the ops)
+        importlib.import_module(f"{__package__}._C")  # loading the library registers the ops
     except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
-        return f"{type(exc).__name__}: {exc}"
+        return f"fused_residual._C failed to load ({type(exc).__name__}: {exc}). {fix}"
     missing = [name for name in OP_NAMES if not hasattr(torch.ops.fused_residual, name)]
     if len(missing) == len(OP_NAMES):
-        return "fused_residual._C loaded but registered no ops"
+        return f"fused_residual._C loaded but registered no ops. {fix}"
     if missing:
-        return f"fused_residual._C is a stale build without the ops {missing}; rebuild it"
+        return f"fused_residual._C is a stale build without the ops {missing}. {fix}"
     return None
 
 
+BUILD_INFO: ModuleType | None = _read_build_info()
 EXTENSION_ERROR: str | None = _load_extension()
 EXTENSION_LOADED: bool = EXTENSION_ERROR is None
+if EXTENSION_ERROR is not None:
+    # Once per process (a module runs once): the 'extension' backend is off, and "auto" uses
+    # the next backend for the device (for CPU tensors: the unfused reference).
+    warnings.warn(f"fused_residual: the 'extension' backend is unavailable, so 'auto' runs CPU "
+                  f"tensors with the unfused reference: {EXTENSION_ERROR}", RuntimeWarning, stacklevel=2)
 
 
 def fake_bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:

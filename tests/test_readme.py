@@ -1,0 +1,100 @@
+"""README.md says what is true: every python block in it runs, and the claims it makes in prose
+about convert() (hooks, other norm layers) and the quick start hold."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_residual
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+# A block whose first line is this comment runs only where a CUDA GPU is visible.
+NEEDS_GPU = "# needs a GPU"
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
+
+
+PYTHON_BLOCKS = code_blocks("python")
+
+
+def test_readme_has_python_blocks():
+    assert len(PYTHON_BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_readme_python_block_runs(index):
+    source = PYTHON_BLOCKS[index]
+    if source.startswith(NEEDS_GPU) and not torch.cuda.is_available():
+        pytest.skip("this README block needs a CUDA GPU")
+    if "torchvision" in source:
+        pytest.importorskip("torchvision")
+    exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_quick_start_commands_are_the_ones_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = ['pip install -e ".[test]"', "python -m fused_residual", "pytest"]
+    assert any(block.splitlines() == commands for block in code_blocks("bash")), code_blocks("bash")
+    for command in commands:
+        assert re.search(rf"^{re.escape(command)}$", ci, flags=re.MULTILINE), command
+
+
+def _resnet18_with_hooks(names: list[str]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    seen: dict[str, torch.Tensor] = {}
+    for name in names:
+        def hook(module, args, out, name=name):
+            seen[name] = out.detach()
+        model.get_submodule(name).register_forward_hook(hook)
+    return model, seen
+
+
+def test_readme_hook_claims():
+    """The README's "Hooks after convert()" paragraph, claim by claim."""
+    names = ["relu", "layer1.0.relu", "bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn2",
+             "layer1.0", "layer1.0.conv1"]
+    model, seen = _resnet18_with_hooks(names)
+    old_relu = model.relu
+    fused_residual.convert(model)
+    assert isinstance(model.relu, torch.nn.Identity) and model.relu is not old_relu
+    model(torch.randn(2, 3, 32, 32))
+    assert "relu" not in seen and "layer1.0.relu" not in seen  # gone / not called
+    assert seen["bn1"].min() >= 0 and seen["layer1.0.bn1"].min() >= 0  # post-ReLU
+    torch.testing.assert_close(seen["layer1.0.bn2"], seen["layer1.0"])  # the block's output
+    assert "layer2.0.bn2" not in seen  # a fused downsampling block does not call it
+    assert "layer1.0.conv1" in seen
+
+    # A hook on the shortcut's BatchNorm: that block runs the shortcut and bn2 as modules.
+    model, seen = _resnet18_with_hooks(["layer2.0.bn2", "layer2.0.downsample.1", "layer2.0"])
+    fused_residual.convert(model)
+    model(torch.randn(2, 3, 32, 32))
+    assert "layer2.0.downsample.1" in seen
+    torch.testing.assert_close(seen["layer2.0.bn2"], seen["layer2.0"])
+
+
+def test_readme_other_norm_layer_claims():
+    """Other norm layers: left unfused with a RuntimeWarning; ValueError when nothing is left."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops import FrozenBatchNorm2d
+
+    frozen = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18())
+    for model in (frozen, sync):
+        with pytest.warns(RuntimeWarning, match="unfused"), pytest.raises(ValueError):
+            fused_residual.convert(model)
+    mixed = torchvision.models.resnet18()
+    mixed.layer1[0].bn1 = FrozenBatchNorm2d(64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused_residual.convert(mixed)
+    assert any(issubclass(w.category, RuntimeWarning) and "layer1.0" in str(w.message) for w in caught)
+    assert type(mixed.layer1[1]).__name__ == "FusedBasicBlock"
