@@ -398,6 +398,13 @@ def nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def partials_chunk(s0, rs, S, C, ch, cmask):
+    """Offsets and validity of the chunk of (S, C) partials at rows s0 + rs, channels ch."""
+    s = s0 + rs
+    return s.to(tl.int64) * C + ch[None, :], (s < S) & cmask[None, :]
+
+
+@triton.jit
 def to_acc(v, IS_F64: tl.constexpr):
     """`v` in the accumulation dtype: fp32, or fp64 for fp64 input."""
     if IS_F64:

@@ -54,6 +54,7 @@ from ._common import (
     merge_blocks,
     nchw_tile,
     nhwc_tile,
+    partials_chunk,
     per_channel,
     prepare_input,
     reduce_config,
@@ -167,9 +168,7 @@ def _reduce_merge_kernel(
     sdy = tl.zeros([BLOCK_C], dtype=tl.float64)
     sdyx = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + rs
-        valid = (s < S) & cmask[None, :]
-        offs = s.to(tl.int64) * C + ch[None, :]
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
         sdy += tl.sum(tl.load(part_dy_ptr + offs, mask=valid, other=0.0), 0)
         sdyx += tl.sum(tl.load(part_dyx_ptr + offs, mask=valid, other=0.0), 0)
     invstd = rstd(load_acc(var_ptr, ch, cmask, True), join_f64(eps_hi, eps_lo, True))

@@ -54,6 +54,7 @@ from ._common import (
     merge_blocks,
     nchw_tile,
     nhwc_tile,
+    partials_chunk,
     prepare_input,
     reduce_config,
     split_f64,
@@ -175,16 +176,12 @@ def _stats_merge_kernel(
     inv_count = join3_f64(inv_count_hi, inv_count_mid, inv_count_lo, IS_F64)
     s1 = tl.zeros([BLOCK_C], dtype=ACC)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + rs
-        valid = (s < S) & cmask[None, :]
-        offs = s.to(tl.int64) * C + ch[None, :]
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
         s1 += tl.sum(load_acc(cnt_ptr, offs, valid, IS_F64) * load_acc(part_mean_ptr, offs, valid, IS_F64), 0)
     m = _per_count(s1, count, inv_count, IS_F64)
     q = tl.zeros([BLOCK_C], dtype=ACC)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + rs
-        valid = (s < S) & cmask[None, :]
-        offs = s.to(tl.int64) * C + ch[None, :]
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
         d = load_acc(part_mean_ptr, offs, valid, IS_F64) - m[None, :]
         q += tl.sum(load_acc(m2_ptr, offs, valid, IS_F64) + load_acc(cnt_ptr, offs, valid, IS_F64) * d * d, 0)
     shift = load_acc(x_ptr, ch.to(tl.int64) * shift_stride, cmask, IS_F64)
