@@ -121,7 +121,9 @@ def _extensions() -> list:
                 define_macros=[("FUSED_RESIDUAL_WITH_CUDA", "1")],
                 extra_compile_args={
                     "cxx": cxx_flags + openmp,
-                    "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+                    # No fast-math: denormals kept (as in PyTorch), IEEE division and sqrt.
+                    "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-ftz=false", "-prec-div=true",
+                             "-prec-sqrt=true"],
                 },
                 extra_link_args=openmp,
             )

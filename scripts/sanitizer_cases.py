@@ -3,7 +3,9 @@
     compute-sanitizer --tool memcheck python scripts/sanitizer_cases.py [--backends extension triton]
 
 Runs each primitive op once per dtype (float32, bfloat16) and layout (NCHW, channels_last),
-with shapes whose element counts are not multiples of 8 or of a block, so tails are covered.
+with shapes whose element counts are not multiples of 8 or of a block, so tails are covered;
+H*W a multiple of 8 or not (Triton rows / flat mode with its coefficient prologue), and
+H*W == 1 (NCHW reductions on the channels_last path).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def run_backend(name: str, quick: bool = False) -> None:
     # --quick (stage 1 of gpu_check.sh): each kernel once, float32; the second shape's rows are
     # whole mask bytes in both layouts, the first shape's in neither.
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    shapes = ((3, 5, 7, 3), (2, 64, 4, 4)) if quick else ((3, 5, 7, 3), (2, 64, 9, 9))
+    shapes = ((3, 5, 7, 3), (2, 64, 4, 4), (5, 16, 1, 1)) if quick else (
+        (3, 5, 7, 3), (2, 64, 9, 9), (2, 24, 8, 8), (5, 16, 1, 1))
     for dtype in dtypes:
         for channels_last in (False, True):
             for shape in shapes:
@@ -39,6 +42,8 @@ def run_backend(name: str, quick: bool = False) -> None:
                 sum_dy, sum_dy_xmu, _ = ops.backward_reduce(g, mask, x, mean, var, 1e-5)
                 ops.backward_apply(g, mask, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, True, True)
                 ops.backward_apply(g, mask, x, rm, rv, None, None, None, 1e-5, count, True, False)
+                ops.backward_apply(g, mask, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, False, True)
+                ops.apply(x, None, rm, rv, None, None, 1e-5, False)
                 # The two-BatchNorm apply, its second input in the other layout.
                 other = torch.contiguous_format if channels_last else torch.channels_last
                 ops.dual_apply(x, mean, var, w, b, r.contiguous(memory_format=other), rm, rv, None, b,

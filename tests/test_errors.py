@@ -131,3 +131,92 @@ def test_available_backends_lists_reference_last():
     names = fused_residual.available_backends("cpu")
     assert names[-1] == "reference"
     assert set(names) <= {"extension", "triton", "reference"}
+
+
+# --------------------------------------------------------------------------------------
+# One set of argument rules for every backend's ops (fused_residual/checks.py and its C++
+# twin csrc/op_checks.h): the same bad call raises the same exception type, with a message
+# naming the argument, whichever backend runs it.
+# --------------------------------------------------------------------------------------
+
+
+def _op_args(x):
+    """count, mean, var, weight and a mask for ops on `x`."""
+    c = x.shape[1]
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    m, v, w = torch.zeros(c, device=x.device), torch.ones(c, device=x.device), torch.ones(c, device=x.device)
+    mask = torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+    return count, m, v, w, mask
+
+
+def _bad_op_calls():
+    """(name, op, args, exception, words in the message) for each rule."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    count, m, v, w, mask = _op_args(x)
+    empty = torch.randn(0, 3, 4, 5, device=DEVICE)
+    wide_mask = torch.zeros(2 * mask.numel(), dtype=torch.uint8, device=DEVICE)
+    calls = [
+        ("stats N*H*W == 0", "stats", (empty,), ValueError, r"N\*H\*W"),
+        ("stats 3-D input", "stats", (x[0],), ValueError, "4-D"),
+        ("stats int input", "stats", (x.int(),), TypeError, "dtype"),
+        ("running stats count 1", "update_running_stats", (m, v, 1, m.clone(), v.clone(), 0.1), ValueError,
+         "count"),
+        ("running stats var length", "update_running_stats", (m, v[:2], 4, m.clone(), v.clone(), 0.1),
+         ValueError, "var"),
+        ("apply residual dtype", "apply", (x, x.double(), m, v, w, None, 1e-5, True), TypeError,
+         "residual dtype"),
+        ("apply residual shape", "apply", (x, x[:1], m, v, w, None, 1e-5, True), ValueError,
+         "residual shape"),
+        ("apply weight length", "apply", (x, None, m, v, w[:2], None, 1e-5, True), ValueError, "weight"),
+        ("apply bias dtype", "apply", (x, None, m, v, None, w.int(), 1e-5, True), TypeError, "bias"),
+        ("dual input2 shape", "dual_apply", (x, m, v, None, None, x[:1], m, v, None, None, 1e-5, 1e-5, True),
+         ValueError, "input2 shape"),
+        ("dual var2 length", "dual_apply", (x, m, v, None, None, x, m, v[:2], None, None, 1e-5, 1e-5, True),
+         ValueError, "var2"),
+        ("reduce N*H*W == 0", "backward_reduce", (empty, mask[:0], empty, m, v, 1e-5), ValueError,
+         r"N\*H\*W"),
+        ("reduce mask length", "backward_reduce", (x, mask[:-1], x, m, v, 1e-5), ValueError, "mask"),
+        ("reduce mask dtype", "backward_reduce", (x, mask.bool(), x, m, v, 1e-5), TypeError, "mask"),
+        ("reduce mask strided", "backward_reduce", (x, wide_mask[::2], x, m, v, 1e-5), ValueError,
+         "mask must be contiguous"),
+        ("reduce grad_out shape", "backward_reduce", (x[:1], mask, x, m, v, 1e-5), ValueError, "grad_out"),
+        ("apply-backward count 0", "backward_apply", (x, mask, x, m, v, w, m, m, 1e-5, 0, True, True),
+         ValueError, "count"),
+        ("apply-backward count 0, grad_residual only", "backward_apply",
+         (x, mask, x, m, v, w, m, m, 1e-5, 0, False, True), ValueError, "count"),
+        ("apply-backward one sum", "backward_apply", (x, mask, x, m, v, w, m, None, 1e-5, count, True, True),
+         ValueError, "sum_dy"),
+        ("apply-backward mask strided", "backward_apply",
+         (x, wide_mask[::2], x, m, v, w, m, m, 1e-5, count, True, True), ValueError,
+         "mask must be contiguous"),
+        ("apply-backward sum_dy_xmu length", "backward_apply",
+         (x, mask, x, m, v, w, m, m[:1], 1e-5, count, True, True), ValueError, "sum_dy_xmu"),
+    ]
+    return [pytest.param(op, args, error, words, id=name) for name, op, args, error, words in calls]
+
+
+@pytest.mark.parametrize("op, args, error, words", _bad_op_calls())
+def test_every_backend_rejects_the_same_bad_op_calls(op, args, error, words):
+    from fused_residual.backends import backend_ops
+
+    assert FUSED_BACKENDS, "no fused backend to check"
+    for backend in FUSED_BACKENDS:
+        with pytest.raises(error, match=words):
+            getattr(backend_ops(backend), op)(*args)
+
+
+def test_every_backend_takes_empty_elementwise_calls():
+    """N*H*W == 0 is an error for the reductions only: the element-wise ops return empty
+    outputs (the same rule everywhere)."""
+    from fused_residual.backends import backend_ops
+
+    x = torch.randn(0, 3, 4, 5, device=DEVICE)
+    count, m, v, w, mask = _op_args(x)
+    for backend in FUSED_BACKENDS:
+        ops = backend_ops(backend)
+        out, out_mask = ops.apply(x, x, m, v, w, w, 1e-5, True)
+        assert out.shape == x.shape and out_mask.shape == (0,), backend
+        out, _ = ops.dual_apply(x, m, v, w, w, x, m, v, None, None, 1e-5, 1e-5, True)
+        assert out.shape == x.shape, backend
+        gi, gr = ops.backward_apply(x, mask, x, m, v, w, None, None, 1e-5, count, True, True)
+        assert gi.shape == x.shape and gr.shape == x.shape, backend

@@ -23,9 +23,7 @@ namespace {
 // ---- the ops ----
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CPU, "input");
-  check_reduction_size(input);
+  check_stats_args(input, c10::DeviceType::CPU);
   const Working w = working_of(input);
   const at::Tensor x = input.contiguous(w.format);
   const at::ScalarType acc = acc_type(input.scalar_type());
@@ -42,13 +40,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
 void bn_update_running_stats_cpu(const at::Tensor& mean, const at::Tensor& var, int64_t count,
                                  at::Tensor& running_mean, at::Tensor& running_var,
                                  double momentum) {
-  const int64_t c = per_channel_length(mean, "mean");
-  check_device_type(mean, c10::DeviceType::CPU, "mean");
-  check_per_channel(mean, c, mean.device(), "mean");
-  check_per_channel(var, c, mean.device(), "var");
-  check_per_channel(running_mean, c, mean.device(), "running_mean");
-  check_per_channel(running_var, c, mean.device(), "running_var");
-  check_unbiased_count(count);
+  const int64_t c = check_update_running_stats_args(mean, var, count, running_mean, running_var,
+                                                    c10::DeviceType::CPU);
   const at::ScalarType acc = acc_type(mean.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(acc, "bn_update_running_stats_cpu", [&] {
     using acc_t = scalar_t;
@@ -79,16 +72,7 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 double eps, bool save_mask) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CPU, "input");
-  if (residual.has_value()) {
-    check_like_input(*residual, input, "residual");
-  }
-  const int64_t c = input.size(1);
-  check_per_channel(mean, c, input.device(), "mean");
-  check_per_channel(var, c, input.device(), "var");
-  check_per_channel(weight, c, input.device(), "weight");
-  check_per_channel(bias, c, input.device(), "bias");
+  check_apply_args(input, residual, mean, var, weight, bias, c10::DeviceType::CPU);
 
   const Working w = working_of(input);
   const at::Tensor x = input.contiguous(w.format);
@@ -116,18 +100,13 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_reduce_cpu(
     const at::Tensor& grad_out, const at::Tensor& mask, const at::Tensor& input,
     const at::Tensor& mean, const at::Tensor& var, double eps) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CPU, "input");
-  check_like_input(grad_out, input, "grad_out");
-  check_mask(mask, input);
+  check_backward_reduce_args(grad_out, mask, input, mean, var, c10::DeviceType::CPU);
   const int64_t c = input.size(1);
-  check_per_channel(mean, c, input.device(), "mean");
-  check_per_channel(var, c, input.device(), "var");
 
   const Working w = working_of(input);
   const at::Tensor x = input.contiguous(w.format);
   const at::Tensor g = grad_out.contiguous(w.format);
-  const at::Tensor m = mask.contiguous();
+  const at::Tensor& m = mask;  // contiguous (check_mask)
   const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor mean_acc = channel_acc(mean, acc);
   at::Tensor sum_dy = new_channels(c, input, acc);
@@ -159,21 +138,10 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& sum_dy, const std::optional<at::Tensor>& sum_dy_xmu,
     double eps, int64_t count, bool need_grad_input, bool need_grad_residual) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CPU, "input");
-  check_like_input(grad_out, input, "grad_out");
-  check_mask(mask, input);
+  check_backward_apply_args(grad_out, mask, input, mean, var, weight, sum_dy, sum_dy_xmu, count,
+                            c10::DeviceType::CPU);
   const int64_t c = input.size(1);
-  check_per_channel(mean, c, input.device(), "mean");
-  check_per_channel(var, c, input.device(), "var");
-  check_per_channel(weight, c, input.device(), "weight");
-  check_backward_sums(sum_dy, sum_dy_xmu);
-  check_per_channel(sum_dy, c, input.device(), "sum_dy");
-  check_per_channel(sum_dy_xmu, c, input.device(), "sum_dy_xmu");
   const bool train = sum_dy.has_value();
-  if (need_grad_input && train) {
-    check_count(count);
-  }
 
   const at::Tensor empty = at::empty({0}, input.options());
   if (!need_grad_input && !need_grad_residual) {
@@ -181,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
   }
   const Working w = working_of(input);
   const at::Tensor g = grad_out.contiguous(w.format);
-  const at::Tensor m = mask.contiguous();
+  const at::Tensor& m = mask;  // contiguous (check_mask)
   const bool read_x = need_grad_input && train;  // eval and grad_residual never read x
   const at::Tensor x = read_x ? input.contiguous(w.format) : input;
   const at::ScalarType acc = acc_type(input.scalar_type());

@@ -31,7 +31,7 @@ __device__ __forceinline__ void accumulate_dy(SumPair<A>& s, const A (&gv)[VEC],
 // Bytes: reads grad_out and x once (2 * numel * sizeof(T)) and the mask (numel / 8); writes
 // 2 * sizeof(A) per block.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     bwd_reduce_nchw_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                            const uint8_t* __restrict__ mask, const acc_of<T>* __restrict__ mean,
                            int64_t planes_n, int64_t channels, int64_t hw, int64_t col_chunks,
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kBlock)
 // its rows, then a fixed binary tree over the ty rows of the block in shared memory.
 // Bytes: as the NCHW kernel.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     bwd_reduce_cl_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                          const uint8_t* __restrict__ mask, const acc_of<T>* __restrict__ mean,
                          int64_t rows, int64_t channels, acc_of<T>* __restrict__ part_dy,
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kBlock)
 // Pass 2: one warp per channel sums its S partials (lane l: s = l, l+32, ... in order, then
 // the fixed shuffle tree) and scales by invstd. Bytes: reads 2*C*S partials + C var, writes 3C.
 template <typename A>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     bwd_reduce_finalize_kernel(const A* __restrict__ part_dy, const A* __restrict__ part_dyxmu,
                                const A* __restrict__ var, A eps, int64_t channels,
                                int64_t splits, A* __restrict__ sum_dy,
@@ -161,18 +161,22 @@ __global__ void __launch_bounds__(kBlock)
 
 // Elementwise backward, per group of 8 memory-order elements (one mask byte):
 //   dy = bit ? g : 0;  grad_residual = dy;
-//   grad_input = k * ((dy - mean_dy) - ((x - mean) * invstd^2) * mean_dy_xmu)   (training)
-//              = dy * k                                                          (eval)
-// with k = w * invstd, mean_dy = sum_dy / count, mean_dy_xmu = sum_dy_xmu / count, evaluated
-// in the reference's order without FMA contraction. x is read only in training.
+//   grad_input = k * dy - (a * (x - mean) + b)    (training)
+//              = k * dy                          (eval)
+// with k = w * invstd, a = k * invstd^2 * sum_dy_xmu / count, b = k * sum_dy / count: the
+// reference's k * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count) with k
+// distributed once per channel (as the CPU and Triton kernels do), without FMA contraction.
+// Four constants per channel, so that cl8's eight channels of them fit the 64-register budget
+// of kBlocksPerSm = 4. x is read only in training.
 // Bytes per element: sizeof(T) read grad_out, 1/8 read mask, sizeof(T) read x (training and
 // grad_input only), sizeof(T) write each requested gradient.
 template <typename T>
 struct BackwardApplyOp {
   using A = acc_of<T>;
   struct Params {
-    A mean, k, mean_dy, ii, mean_dyxmu;
+    A mean, k, a, b;
   };
+  static constexpr int kBlocksPerSm = elementwise_blocks<T>(4);
   const T* __restrict__ grad;
   const T* __restrict__ x;
   const uint8_t* __restrict__ mask;
@@ -193,16 +197,16 @@ struct BackwardApplyOp {
     p.k = weight != nullptr ? mul_rn(weight[c], invstd) : invstd;
     if (sum_dy != nullptr) {
       p.mean = mean[c];
-      p.mean_dy = mul_rn(sum_dy[c], inv_count);
-      p.ii = mul_rn(invstd, invstd);
-      p.mean_dyxmu = mul_rn(sum_dy_xmu[c], inv_count);
+      p.a = mul_rn(mul_rn(p.k, mul_rn(invstd, invstd)), mul_rn(sum_dy_xmu[c], inv_count));
+      p.b = mul_rn(p.k, mul_rn(sum_dy[c], inv_count));
     } else {
-      p.mean = p.mean_dy = p.ii = p.mean_dyxmu = A(0);
+      p.mean = p.a = p.b = A(0);
     }
     return p;
   }
 
-  __device__ __forceinline__ void group(int64_t e0, int n, const Params (&p)[8]) const {
+  template <class Channels>
+  __device__ __forceinline__ void group(int64_t e0, int n, Channels& channel) const {
     const bool full = vec && n == 8;
     T gv[8];
     load8(grad + e0, full, n, gv);
@@ -222,14 +226,14 @@ struct BackwardApplyOp {
       T ov[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
+        const Params p = channel(i);
         const A dy = ((bits >> i) & 1u) ? static_cast<A>(gv[i]) : A(0);
         A gi;
         if (train) {
-          const A xmu = sub_rn(static_cast<A>(xv[i]), p[i].mean);
-          gi = mul_rn(p[i].k, sub_rn(sub_rn(dy, p[i].mean_dy),
-                                     mul_rn(mul_rn(xmu, p[i].ii), p[i].mean_dyxmu)));
+          const A xmu = sub_rn(static_cast<A>(xv[i]), p.mean);
+          gi = sub_rn(mul_rn(p.k, dy), add_rn(mul_rn(p.a, xmu), p.b));
         } else {
-          gi = mul_rn(dy, p[i].k);
+          gi = mul_rn(dy, p.k);
         }
         ov[i] = static_cast<T>(gi);
       }
@@ -238,30 +242,16 @@ struct BackwardApplyOp {
   }
 };
 
-// Shared argument checks of both backward ops; returns the working layout.
-at::MemoryFormat check_backward_args(const at::Tensor& grad_out, const at::Tensor& mask,
-                                     const at::Tensor& input, const at::Tensor& mean,
-                                     const at::Tensor& var) {
-  check_input(input);
-  check_device_type(input, c10::DeviceType::CUDA, "input");
-  check_like_input(grad_out, input, "grad_out");
-  check_mask(mask, input);
-  const int64_t channels = input.size(1);
-  check_per_channel(mean, channels, input.device(), "mean");
-  check_per_channel(var, channels, input.device(), "var");
-  return working_layout(input);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_reduce_cuda(
     const at::Tensor& grad_out_arg, const at::Tensor& mask_arg, const at::Tensor& input_arg,
     const at::Tensor& mean_arg, const at::Tensor& var_arg, double eps) {
-  const at::MemoryFormat layout =
-      check_backward_args(grad_out_arg, mask_arg, input_arg, mean_arg, var_arg);
-  check_reduction_size(input_arg);
+  check_backward_reduce_args(grad_out_arg, mask_arg, input_arg, mean_arg, var_arg,
+                             c10::DeviceType::CUDA);
+  const at::MemoryFormat layout = working_layout(input_arg);
   const c10::cuda::CUDAGuard guard(input_arg.device());
   const at::Tensor input = input_arg.contiguous(layout);
   const at::Tensor grad_out = grad_out_arg.contiguous(layout);
-  const at::Tensor mask = mask_arg.contiguous();
+  const at::Tensor& mask = mask_arg;  // contiguous (check_mask)
   const Geometry g = geometry_of(input, layout);
   const at::ScalarType acc = acc_type(input.scalar_type());
   const auto acc_opts = input.options().dtype(acc);
@@ -324,18 +314,12 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(
     const std::optional<at::Tensor>& weight_arg, const std::optional<at::Tensor>& sum_dy_arg,
     const std::optional<at::Tensor>& sum_dy_xmu_arg, double eps, int64_t count,
     bool need_grad_input, bool need_grad_residual) {
-  const at::MemoryFormat layout =
-      check_backward_args(grad_out_arg, mask_arg, input_arg, mean_arg, var_arg);
-  const int64_t channels = input_arg.size(1);
-  const at::Device device = input_arg.device();
-  check_per_channel(weight_arg, channels, device, "weight");
-  check_per_channel(sum_dy_arg, channels, device, "sum_dy");
-  check_per_channel(sum_dy_xmu_arg, channels, device, "sum_dy_xmu");
-  check_backward_sums(sum_dy_arg, sum_dy_xmu_arg);
+  check_backward_apply_args(grad_out_arg, mask_arg, input_arg, mean_arg, var_arg, weight_arg,
+                            sum_dy_arg, sum_dy_xmu_arg, count, c10::DeviceType::CUDA);
+  const at::MemoryFormat layout = working_layout(input_arg);
   const bool train = sum_dy_arg.has_value();
-  if (train && need_grad_input) check_count(count);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(input_arg.device());
   // x is read only for a training grad_input: eval and grad_residual never copy or touch it.
   const bool read_x = train && need_grad_input;
   const at::Tensor input = read_x ? input_arg.contiguous(layout) : input_arg;
@@ -349,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(
     return {grad_input, grad_residual};
   }
   const at::Tensor grad_out = grad_out_arg.contiguous(layout);
-  const at::Tensor mask = mask_arg.contiguous();
+  const at::Tensor& mask = mask_arg;  // contiguous (check_mask)
   const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor mean = to_acc(mean_arg, acc);
   const at::Tensor var = to_acc(var_arg, acc);

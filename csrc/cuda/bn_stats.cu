@@ -5,18 +5,25 @@
 // the device's SM count; pass 2 merges each channel's partials in a fixed order. No float
 // atomics, no host synchronization, so the op is bitwise reproducible on a given device and
 // can be captured in a CUDA graph.
+//
+// Shifted data, as in the Triton and CPU kernels: every value of channel c enters the
+// accumulators as x - K_c, with the pilot K_c = x[0, c, 0, 0] (element offset c * H*W in NCHW,
+// c in channels_last), and pass 2 adds K_c back to the mean. The running means then stay
+// within a few standard deviations of 0, so a channel with a mean offset of 1e4 and a spread of
+// 1 keeps the full fp32 precision of its variance (unshifted, the running mean's rounding,
+// ~1e-3 at 1e4, would leak into every delta).
 #include "common.cuh"
 
 namespace fused_residual {
 namespace cuda {
 namespace {
 
-// Pass 1, NCHW. Math: per thread, Welford over the VEC-element chunks it visits (each chunk's
-// own mean/M2, then a Chan merge); then a fixed-order merge over the block (warp shuffle tree,
-// then the 8 warp results). Grid (C, S), block (tx, ty): see plan_reduce.
+// Pass 1, NCHW. Math: per thread, Welford over the VEC-element chunks it visits of x - K_c
+// (each chunk's own mean/M2, then a Chan merge); then a fixed-order merge over the block (warp
+// shuffle tree, then the 8 warp results). Grid (C, S), block (tx, ty): see plan_reduce.
 // Bytes: reads the input once (numel * sizeof(T)); writes 2 * sizeof(A) + 8 per block.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     stats_nchw_kernel(const T* __restrict__ x, int64_t planes_n, int64_t channels, int64_t hw,
                       int64_t col_chunks, int64_t row_groups, acc_of<T>* __restrict__ part_mean,
                       acc_of<T>* __restrict__ part_m2, int64_t* __restrict__ part_n) {
@@ -25,6 +32,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t s = blockIdx.y;
   const int64_t splits = gridDim.y;
   const int64_t hwv = hw / VEC;
+  const A pilot = static_cast<A>(x[c * hw]);  // x[0, c, 0, 0]
   Welford<A> w{A(0), A(0), 0};
   for (TileWalk t(s, splits, col_chunks); t.rg < row_groups; t.next()) {
     const int64_t n = t.rg * blockDim.y + threadIdx.y;
@@ -34,6 +42,8 @@ __global__ void __launch_bounds__(kBlock)
       // 64-bit offset: (n*C + c)*HW + j*VEC; a multiple of VEC, hence 16-byte aligned when
       // VEC > 1 (the host checked HW % VEC == 0 and the base pointer).
       load_vec<VEC>(x + (n * channels + c) * hw + j * VEC, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[i] -= pilot;
       welford_add<VEC>(w, v);
     }
   }
@@ -48,11 +58,12 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 // Pass 1, channels_last ((N*H*W) x C row-major). Math: each thread runs VEC per-channel
-// Welford recurrences (one shared count, so one reciprocal per row) over the rows it visits;
-// then the ty threads of each column are merged by a fixed binary tree in shared memory.
-// Grid (ceil(C/VEC/tx), S), block (tx, ty). Bytes: reads the input once; writes the partials.
+// Welford recurrences of x - K_c (one shared count, so one reciprocal per row) over the rows it
+// visits; then the ty threads of each column are merged by a fixed binary tree in shared
+// memory. Grid (ceil(C/VEC/tx), S), block (tx, ty). Bytes: reads the input once; writes the
+// partials.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     stats_cl_kernel(const T* __restrict__ x, int64_t rows, int64_t channels,
                     acc_of<T>* __restrict__ part_mean, acc_of<T>* __restrict__ part_m2,
                     int64_t* __restrict__ part_n) {
@@ -66,6 +77,8 @@ __global__ void __launch_bounds__(kBlock)
   for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = A(0);
   int64_t cnt = 0;
   if (active) {
+    A pilot[VEC];
+    load_vec<VEC>(x + c0, pilot);  // row 0: x[0, c, 0, 0]
     const int64_t row_stride = static_cast<int64_t>(gridDim.y) * ty;
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * ty + threadIdx.y; m < rows; m += row_stride) {
       A v[VEC];
@@ -74,6 +87,7 @@ __global__ void __launch_bounds__(kBlock)
       const A r = A(1) / static_cast<A>(cnt);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
+        v[i] -= pilot[i];
         const A d = v[i] - mean[i];
         mean[i] += d * r;
         m2[i] += d * (v[i] - mean[i]);
@@ -136,10 +150,12 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 // Pass 2: one warp per channel merges its S partials: lane l takes s = l, l+32, ... in order,
-// then the fixed shuffle tree. var = M2 / count (biased). Bytes: reads C*S partials, writes 2C.
-template <typename A>
-__global__ void __launch_bounds__(kBlock)
-    stats_finalize_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+// then the fixed shuffle tree. mean = K_c + merged mean, var = M2 / count (biased), with the
+// pilot K_c = x[c * pilot_stride]. Bytes: reads C*S partials and C pilots, writes 2C.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
+    stats_finalize_kernel(const T* __restrict__ x, int64_t pilot_stride,
+                          const A* __restrict__ part_mean, const A* __restrict__ part_m2,
                           const int64_t* __restrict__ part_n, int64_t channels, int64_t splits,
                           A* __restrict__ mean_out, A* __restrict__ var_out) {
   const int lane = threadIdx.x % kWarp;
@@ -153,7 +169,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   w = warp_reduce(w);
   if (lane == 0) {
-    mean_out[c] = w.mean;
+    mean_out[c] = add_rn(static_cast<A>(x[c * pilot_stride]), w.mean);
     var_out[c] = div_rn(w.m2, static_cast<A>(w.n));  // n = N*H*W > 0 (checked on the host)
   }
 }
@@ -163,7 +179,7 @@ __global__ void __launch_bounds__(kBlock)
 // contraction), then stored in the running stats' dtype R. Bytes: 2C reads of acc, 2C reads
 // and 2C writes of R.
 template <typename A, typename R>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     running_stats_kernel(const A* __restrict__ mean, const A* __restrict__ var,
                          R* __restrict__ running_mean, R* __restrict__ running_var,
                          int64_t channels, A one_minus_momentum, A momentum, A unbias) {
@@ -178,9 +194,7 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input_arg) {
-  check_input(input_arg);
-  check_device_type(input_arg, c10::DeviceType::CUDA, "input");
-  check_reduction_size(input_arg);
+  check_stats_args(input_arg, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(input_arg.device());
   const at::MemoryFormat layout = working_layout(input_arg);
   const at::Tensor input = input_arg.contiguous(layout);
@@ -230,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input_arg) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const unsigned fin_blocks = static_cast<unsigned>(ceil_div(g.c, kBlock / kWarp));
-    stats_finalize_kernel<A><<<fin_blocks, kBlock, 0, stream>>>(
-        part_mean, part_m2, part_n, g.c, p.splits, mean.mutable_data_ptr<A>(),
+    stats_finalize_kernel<T, A><<<fin_blocks, kBlock, 0, stream>>>(
+        x, g.inner(), part_mean, part_m2, part_n, g.c, p.splits, mean.mutable_data_ptr<A>(),
         var.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -243,13 +257,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input_arg) {
 void bn_update_running_stats_cuda(const at::Tensor& mean, const at::Tensor& var, int64_t count,
                                   at::Tensor& running_mean, at::Tensor& running_var,
                                   double momentum) {
-  const int64_t channels = per_channel_length(mean, "mean");
-  check_device_type(mean, c10::DeviceType::CUDA, "mean");
-  check_per_channel(mean, channels, mean.device(), "mean");
-  check_per_channel(var, channels, mean.device(), "var");
-  check_per_channel(running_mean, channels, mean.device(), "running_mean");
-  check_per_channel(running_var, channels, mean.device(), "running_var");
-  check_unbiased_count(count);
+  const int64_t channels = check_update_running_stats_args(mean, var, count, running_mean,
+                                                           running_var, c10::DeviceType::CUDA);
   if (channels == 0) return;
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::ScalarType acc = acc_type(mean.scalar_type());

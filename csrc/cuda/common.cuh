@@ -29,9 +29,14 @@ namespace cuda {
 constexpr int kBlock = 256;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Blocks per SM a grid aims for (2048 resident threads per SM on sm_80/sm_90). Grids are sized
-// from shapes and this device constant only, never from data, so workspaces are CUDA-graph safe.
-constexpr int kBlocksPerSm = 8;
+// Occupancy plan. A grid is sized for a number of resident blocks per SM, and every kernel is
+// compiled with __launch_bounds__(kBlock, that number), which caps its registers at
+// 65536 / (256 * blocks) (64 for 4, 80 for 3) so that the blocks the plan counts on do fit;
+// tests/test_gpu_static.py reads the sm_90 cubin and fails on any spill this could cause.
+// Reductions and the small per-channel kernels: kBlocksPerSm. Element-wise kernels:
+// Op::kBlocksPerSm (elementwise_blocks below). Grids are sized from shapes and the SM count
+// only, never from data, so workspaces are CUDA-graph safe.
+constexpr int kBlocksPerSm = 4;
 
 // Accumulation ("acc") type: double for double, float for float/half/bfloat16.
 template <typename T>
@@ -44,6 +49,13 @@ struct AccOf<double> {
 };
 template <typename T>
 using acc_of = typename AccOf<T>::type;
+
+// Resident blocks per SM an element-wise Op over T plans for: `blocks` for float accumulation,
+// 1 for double (a correctness path, not a fast one: its registers are not capped).
+template <typename T>
+constexpr int elementwise_blocks(int blocks) {
+  return std::is_same_v<acc_of<T>, double> ? 1 : blocks;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Host helpers
@@ -95,7 +107,8 @@ inline const T* ptr_or_null(const at::Tensor& t) {
 }
 
 // Geometry of a 4-D tensor in its working layout, seen as [outer, C, inner] in memory order:
-// NCHW is [N, C, H*W], channels_last is [N*H*W, C, 1].
+// NCHW is [N, C, H*W], channels_last is [N*H*W, C, 1]. An NCHW tensor with H*W == 1 has the
+// memory order of channels_last, and takes the channels_last kernels (coalesced reductions).
 struct Geometry {
   int64_t n, c, hw, numel;
   bool channels_last;
@@ -108,7 +121,7 @@ inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat layout) {
   g.c = input.size(1);
   g.hw = input.size(2) * input.size(3);
   g.numel = input.numel();
-  g.channels_last = layout == at::MemoryFormat::ChannelsLast;
+  g.channels_last = layout == at::MemoryFormat::ChannelsLast || g.hw == 1;
   return g;
 }
 
@@ -116,18 +129,20 @@ inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat layout) {
 // Device helpers
 // ---------------------------------------------------------------------------------------------
 
-// Correctly rounded arithmetic that nvcc may not contract into FMAs (the build uses
-// --use_fast_math, whose -fmad=true would otherwise fuse): the elementwise kernels mirror the
-// reference's operation order and roundings, so that fp32 results, and the sign of a pre-ReLU
-// value near 0 (the mask bit), agree with PyTorch's unfused ops.
+// Correctly rounded arithmetic that nvcc may not contract into FMAs (nvcc's default -fmad=true
+// fuses a * b + c): the elementwise kernels keep the reference's operation order and
+// roundings. The numerics contract (docs/op_layer.md) does not need bit equality with another
+// backend; this keeps the CUDA results close to PyTorch's unfused ops at no cost in a
+// memory-bound kernel. The build has no fast-math: denormals are kept (-ftz=false), `/` and
+// sqrt are IEEE (-prec-div=true -prec-sqrt=true).
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-// IEEE division (--use_fast_math would otherwise make `/` an approximate reciprocal-multiply):
-// used where few divisions happen (merges of partials, the final variance).
+// IEEE division, spelled out where few divisions happen (merges of partials, the final
+// variance).
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 
@@ -222,8 +237,9 @@ __device__ __forceinline__ void welford_merge(Welford<A>& a, const Welford<A>& b
 }
 
 // Adds VEC values of one channel: their own mean and M2 (exact two-pass over registers), then
-// one Chan merge, i.e. one division per VEC values instead of one per value. This per-element
-// path keeps the fast (<= 2 ulp) division; its error is far below the reduction's own.
+// one Chan merge, i.e. one division per VEC values instead of one per value. An empty state
+// takes the chunk as it is: the merge formula would compute delta^2 * 0, NaN once delta^2
+// overflows (chunk means above ~1.8e19 in fp32).
 template <int VEC, typename A>
 __device__ __forceinline__ void welford_add(Welford<A>& a, const A (&v)[VEC]) {
   A sum = 0;
@@ -235,6 +251,12 @@ __device__ __forceinline__ void welford_add(Welford<A>& a, const A (&v)[VEC]) {
   for (int i = 0; i < VEC; ++i) {
     const A d = v[i] - mb;
     m2b += d * d;
+  }
+  if (a.n == 0) {
+    a.mean = mb;
+    a.m2 = m2b;
+    a.n = VEC;
+    return;
   }
   const int64_t n = a.n + VEC;
   const A ratio = A(VEC) / static_cast<A>(n);
@@ -398,7 +420,7 @@ inline ReducePlan plan_reduce(const Geometry& g, int vec, int sms) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise launch geometry (bn_apply, bn_backward_apply)
+// Elementwise launch geometry (bn_apply, bn_dual_apply, bn_backward_apply)
 // ---------------------------------------------------------------------------------------------
 //
 // Every thread handles "groups" of 8 consecutive memory-order elements, which is exactly one
@@ -410,16 +432,17 @@ inline ReducePlan plan_reduce(const Geometry& g, int vec, int sms) {
 //    Used for NCHW, and for channels_last when C % 8 != 0.
 //  * cl8: channels_last with C % 8 == 0. Each thread owns 8 consecutive channels and walks
 //    rows, so the per-channel parameters live in registers for the whole kernel.
+// Both grids are sized for Op::kBlocksPerSm resident blocks per SM, the kernels' launch bounds.
 struct FlatPlan {
   dim3 grid;
   int64_t step_q, step_c;
 };
 
-inline FlatPlan plan_flat(const Geometry& g, int sms) {
+inline FlatPlan plan_flat(const Geometry& g, int sms, int blocks_per_sm) {
   FlatPlan p;
   const int64_t groups = ceil_div(g.numel, 8);
   const int64_t blocks =
-      std::clamp<int64_t>(ceil_div(groups, kBlock), 1, static_cast<int64_t>(sms) * kBlocksPerSm);
+      std::clamp<int64_t>(ceil_div(groups, kBlock), 1, static_cast<int64_t>(sms) * blocks_per_sm);
   p.grid = dim3(static_cast<unsigned>(blocks));
   const int64_t delta = blocks * kBlock * 8;  // elements between a thread's consecutive groups
   const int64_t inner = g.inner();
@@ -432,31 +455,70 @@ struct Cl8Plan {
   dim3 grid, block;
 };
 
-inline Cl8Plan plan_cl8(const Geometry& g, int sms) {
+inline Cl8Plan plan_cl8(const Geometry& g, int sms, int blocks_per_sm) {
   Cl8Plan p;
   const int64_t cg = g.c / 8;
   const int64_t rows = g.n * g.hw;
   const int tx = pow2_at_least(cg, kWarp);
   const int ty = kBlock / tx;
   const int64_t ctiles = ceil_div(cg, tx);
-  const int64_t want = std::max<int64_t>(1, ceil_div(static_cast<int64_t>(sms) * kBlocksPerSm, ctiles));
+  const int64_t want = std::max<int64_t>(1, ceil_div(static_cast<int64_t>(sms) * blocks_per_sm, ctiles));
   const int64_t rtiles = std::min<int64_t>({ceil_div(rows, ty), want, 65535});
   p.block = dim3(tx, ty);
   p.grid = dim3(static_cast<unsigned>(ctiles), static_cast<unsigned>(rtiles));
   return p;
 }
 
+// The channel of consecutive memory-order elements, walked one element at a time from
+// (q, c) = (e % inner, (e / inner) % C), with the Op's per-channel parameters recomputed only
+// when the channel changes (NCHW: at most once per group of 8 when H*W >= 8). Only the
+// current parameters are live, not one set per element of the group.
+template <class Op>
+struct ChannelWalk {
+  using P = typename Op::Params;
+  const Op& op;
+  int64_t q, c, loaded;
+  const int64_t inner, channels;
+  P cur;
+
+  __device__ __forceinline__ ChannelWalk(const Op& op_, int64_t q_, int64_t c_, int64_t inner_,
+                                         int64_t channels_)
+      : op(op_), q(q_), c(c_), loaded(c_), inner(inner_), channels(channels_), cur(op_.params(c_)) {}
+
+  // Parameters of the next element (call once per element, in order; the index is unused).
+  // Past the tensor's end the walk keeps wrapping within [0, C), so reads stay in bounds.
+  __device__ __forceinline__ P operator()(int) {
+    if (c != loaded) {
+      cur = op.params(c);
+      loaded = c;
+    }
+    if (++q == inner) {
+      q = 0;
+      if (++c == channels) c = 0;
+    }
+    return cur;
+  }
+};
+
+// Per-thread parameters of 8 fixed channels (cl8): element i of a group is channel c0 + i.
+// Indexed by the unrolled loop's constant i, so the array stays in registers.
+template <class Op>
+struct FixedChannels {
+  typename Op::Params p[8];
+  __device__ __forceinline__ const typename Op::Params& operator()(int i) const { return p[i]; }
+};
+
 // The flat kernel. Op provides:
 //   using Params;                                  per-channel constants
+//   static constexpr int kBlocksPerSm;             its occupancy plan
 //   Params params(int64_t c) const;                computes them for channel c
-//   void group(int64_t e0, int n, const Params (&p)[8]) const;   elements e0 .. e0+n-1
-// Work per group: see Op. The per-element channel walk reloads parameters only when the
-// channel changes (NCHW: at most twice per group when HW >= 8).
+//   template <class Channels> void group(int64_t e0, int n, Channels& ch) const;
+//     elements e0 .. e0+n-1 (n <= 8); element i's parameters are ch(i), asked for once per i
+//     in increasing order inside a fully unrolled loop
 template <class Op>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, Op::kBlocksPerSm)
     flat_kernel(const Op op, int64_t numel, int64_t inner, int64_t channels, int64_t step_q,
                 int64_t step_c) {
-  using P = typename Op::Params;
   const int64_t ngroups = (numel + 7) >> 3;
   int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= ngroups) return;
@@ -466,24 +528,8 @@ __global__ void __launch_bounds__(kBlock)
   for (; g < ngroups; g += stride) {
     const int64_t e0 = g * 8;
     const int n = numel - e0 < 8 ? static_cast<int>(numel - e0) : 8;
-    P p[8];
-    int64_t qq = q, cc = c, loaded = c;
-    P cur = op.params(c);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      // Past the tail (i >= n) the walk keeps wrapping within [0, C), so reads stay in bounds;
-      // those lanes' results are discarded by Op::group.
-      if (cc != loaded) {
-        cur = op.params(cc);
-        loaded = cc;
-      }
-      p[i] = cur;
-      if (++qq == inner) {
-        qq = 0;
-        if (++cc == channels) cc = 0;
-      }
-    }
-    op.group(e0, n, p);
+    ChannelWalk<Op> walk(op, q, c, inner, channels);
+    op.group(e0, n, walk);
     q += step_q;
     c += step_c;
     if (q >= inner) {
@@ -498,18 +544,17 @@ __global__ void __launch_bounds__(kBlock)
 // 8 * (bx * tx + x) .. +7 and rows by * ty + y, then + gridDim.y * ty, ... Every group is a
 // full, 8-aligned run of 8 channels of one row, i.e. one mask byte.
 template <class Op>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, Op::kBlocksPerSm)
     cl8_kernel(const Op op, int64_t rows, int64_t channels) {
-  using P = typename Op::Params;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   if (c0 >= channels) return;  // no block-level synchronization in this kernel
-  P p[8];
+  FixedChannels<Op> fixed;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) p[i] = op.params(c0 + i);
+  for (int i = 0; i < 8; ++i) fixed.p[i] = op.params(c0 + i);
   const int64_t row_stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < rows;
        m += row_stride) {
-    op.group(m * channels + c0, 8, p);
+    op.group(m * channels + c0, 8, fixed);
   }
 }
 
@@ -518,11 +563,11 @@ template <class Op>
 inline void launch_elementwise(const Op& op, const Geometry& g, int sms, cudaStream_t stream) {
   if (g.numel == 0) return;
   if (g.channels_last && g.c % 8 == 0) {
-    const Cl8Plan p = plan_cl8(g, sms);
+    const Cl8Plan p = plan_cl8(g, sms, Op::kBlocksPerSm);
     cl8_kernel<Op><<<p.grid, p.block, 0, stream>>>(op, g.n * g.hw, g.c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const FlatPlan p = plan_flat(g, sms);
+    const FlatPlan p = plan_flat(g, sms, Op::kBlocksPerSm);
     flat_kernel<Op><<<p.grid, kBlock, 0, stream>>>(op, g.numel, g.inner(), g.c, p.step_q, p.step_c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

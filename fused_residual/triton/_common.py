@@ -13,16 +13,19 @@ memory order, so the element index `e` used for the packed mask is also the memo
 Element-wise kernels (bn_apply, bn_backward_apply) tile that row matrix `[ROWS, COLS]` in
 blocks `[BLOCK_R, BLOCK_J, 8]` whose last axis holds the 8 bits of one mask byte, when
 `COLS % 8 == 0` ("rows" mode: every row starts on a mask byte). Otherwise ("flat" mode) the
-flat memory order is tiled in `[BLOCK_J, 8]` blocks and the channel of each element is
-recomputed (a division by a float reciprocal, exact in the range used: `_div_small`).
+flat memory order is tiled in `[BLOCK_J, 8]` blocks, the channel of each element is
+recomputed (a division by a float reciprocal, exact in the range used: `_div_small`) and its
+per-channel coefficients are gathered from a small table a prologue kernel writes.
 Reduction kernels (bn_stats, bn_backward_reduce) give each program one channel (NCHW) or
 one block of channels (NHWC) and a fixed range of tiles; per-program partials are merged
 by a second small kernel in a fixed order, so the results are bitwise reproducible for a
-given shape and device.
+given shape and device. Every launcher runs its kernels under `device_guard` (the tensors'
+device made current, as the C++ ops' CUDAGuard does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,7 +37,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..checks import check_input, check_like_input, check_per_channel  # noqa: F401  (re-exported)
 from ..reference import acc_dtype, working_layout
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when these modules load.
@@ -99,6 +101,52 @@ def triton_op(name: str, *, mutates_args: tuple[str, ...], schema: str) -> Calla
     return register
 
 
+# Device modules whose `device(d)` context makes `d` the current device, so that a Triton
+# launch (which targets the current device and its current stream) runs on the tensors'
+# device. A dict rather than a branch so that tests can stand in a mock for "cpu".
+GUARDED_DEVICE_TYPES = {"cuda": torch.cuda}
+
+
+def device_guard(device: torch.device):
+    """The context every launcher runs its kernels in: the current device is `device` (as
+    the C++ ops' CUDAGuard), so a tensor on cuda:1 is never touched by a launch on cuda:0's
+    stream. A no-op for device types without a guard (the interpreter's CPU tensors)."""
+    module = GUARDED_DEVICE_TYPES.get(device.type)
+    if module is None:
+        return contextlib.nullcontext()
+    return module.device(device)
+
+
+# The launch plan of each kernel, by name: "elementwise" (a program per tile, occupancy from
+# `Tuning.elementwise_programs_per_sm`), "reduce" (a grid sized for `Tuning.programs_per_sm`
+# programs per SM) or "per_channel" (a few programs over C). tests/triton_aot.py holds
+# every compiled kernel to the registers its plan allows (`planned_programs_per_sm`).
+KERNEL_PLANS: dict[str, str] = {}
+
+
+def launch_plan(plan: str):
+    """Records the launch plan ("elementwise", "reduce" or "per_channel") of a @triton.jit
+    kernel (applied on top of @triton.jit; the kernel is returned unchanged)."""
+    assert plan in ("elementwise", "reduce", "per_channel"), plan
+
+    def record(kernel):
+        KERNEL_PLANS[kernel.fn.__name__] = plan
+        return kernel
+
+    return record
+
+
+def planned_programs_per_sm(kernel_name: str) -> int:
+    """Programs of kernel `kernel_name` that its launch plan expects resident on one SM at
+    once: the register budget of an sm_90 compile is 65536 / (this * 32 * num_warps)."""
+    plan = KERNEL_PLANS[kernel_name]
+    if plan == "elementwise":
+        return TUNING.elementwise_programs_per_sm
+    if plan == "reduce":
+        return TUNING.programs_per_sm
+    return 1  # per-channel kernels: a few programs, one per SM
+
+
 # --------------------------------------------------------------------------------------
 # Tuning table
 # --------------------------------------------------------------------------------------
@@ -108,21 +156,27 @@ def triton_op(name: str, *, mutates_args: tuple[str, ...], schema: str) -> Calla
 class Tuning:
     """Launch heuristics. Every field is a power of two except the program counts.
 
-    The element-wise kernels move `elementwise_tile` elements per program (16 KiB of fp32
-    per operand: enough bytes in flight per SM at 8 warps; sm_90 compiles of the rows-mode
-    kernels use <= 72 registers, flat mode at `flat_tile` <= 64, no spills). Reduction programs keep
-    `reduce_tile` lanes of fp32 accumulators (3 per lane for Welford) and loop over tiles.
-    Block widths along a row come from `_pick_block`.
+    Occupancy plan (sm_90: 65536 registers and 2048 threads per SM). Element-wise programs
+    move `elementwise_tile` elements (half for float64), 8 per thread at 8 warps (4 for
+    float64): one or two 128-bit accesses per operand. The grid is one program per tile,
+    and `elementwise_programs_per_sm` of them are meant to be resident at once: <= 64
+    registers per thread, 16 KiB of bf16 per operand in flight per SM. Reduction programs
+    keep `reduce_tile / 2` lanes (a quarter for float64) of accumulators, 4 per thread at 8
+    warps (Welford's 3 or the backward's 4 accumulators per value); their grid is sized for
+    `programs_per_sm` resident programs per SM (<= 64 registers).
+    tests/test_gpu_static.py compiles every kernel variant of the ResNet-50 shapes for
+    sm_90 and fails on a spill or on registers above these budgets. Block widths along a
+    row come from `_pick_block`.
     """
 
-    elementwise_tile: int = 4096
+    elementwise_tile: int = 2048
     elementwise_max_cols: int = 1024
-    flat_tile: int = 2048  # flat mode gathers per-channel values per element: more registers
+    elementwise_programs_per_sm: int = 4
     reduce_tile: int = 2048
     reduce_max_hw: int = 1024  # NCHW reduction: widest contiguous segment of a row
     reduce_max_c: int = 64  # NHWC reduction: channels per program
     merge_block_c: int = 128  # channels per program of the merge kernels
-    merge_tile: int = 2048  # partials per loop step of the merge kernels
+    merge_tile: int = 512  # partials per loop step of the merge kernels (4 per thread)
     programs_per_sm: int = 4  # reduction programs aimed for, per SM
     min_tiles_per_program: int = 2
     max_splits: int = 1024
@@ -160,31 +214,21 @@ def _pick_block(extent: int, max_block: int, min_block: int) -> int:
     return min_block
 
 
-def _warps(lanes: int) -> int:
-    return max(1, min(8, lanes // 256))
+def _values_per_thread(geo: Geometry, reduction: bool = False) -> int:
+    """Values of one operand a thread holds per step: element-wise kernels 8 (one or two
+    128-bit accesses), reductions 4 (each keeps 3 or 4 accumulators per value); half of
+    that in float64, so that a float64 kernel needs about the registers of a float32 one."""
+    values = 4 if reduction else 8
+    return values // 2 if geo.is_f64 else values
+
+
+def _warps(lanes: int, per_thread: int) -> int:
+    return max(1, min(8, lanes // (32 * per_thread)))
 
 
 # --------------------------------------------------------------------------------------
 # Checks and geometry
 # --------------------------------------------------------------------------------------
-
-
-def _check_input(input: Tensor) -> None:
-    check_input(input)
-    n, _, h, w = input.shape
-    if n * h * w == 0:
-        raise ValueError("fused_residual: N*H*W == 0 must be handled before the op layer")
-
-
-def check_mask(mask: Tensor, input: Tensor) -> None:
-    nbytes = (input.numel() + 7) // 8
-    if mask.dtype != torch.uint8:
-        raise TypeError(f"fused_residual: mask must be uint8, got {mask.dtype}")
-    if mask.dim() != 1 or mask.shape[0] != nbytes:
-        raise ValueError(f"fused_residual: mask must have shape ({nbytes},) for an input of "
-                         f"{input.numel()} elements, got {tuple(mask.shape)}")
-    if mask.device != input.device:
-        raise ValueError(f"fused_residual: mask is on {mask.device} but input is on {input.device}")
 
 
 def per_channel(t: Tensor | None) -> Tensor | None:
@@ -221,9 +265,8 @@ class Geometry:
 
 
 def prepare_input(input: Tensor) -> tuple[Tensor, Geometry]:
-    """Check `input`, bring it into its working layout (no copy when it already is) and
-    describe it."""
-    _check_input(input)
+    """`input` (already checked) in its working layout (no copy when it already is), and its
+    description."""
     layout = working_layout(input)
     x = input.contiguous(memory_format=layout)
     n, c, h, w = x.shape
@@ -232,9 +275,9 @@ def prepare_input(input: Tensor) -> tuple[Tensor, Geometry]:
     return x, geo
 
 
-def like_input(t: Tensor, input: Tensor, geo: Geometry, name: str) -> Tensor:
-    """`residual` / `grad_out` in the input's working layout (copied only when it is not)."""
-    check_like_input(t, input, name)
+def like_input(t: Tensor, geo: Geometry) -> Tensor:
+    """`residual` / `grad_out` / `input2` (already checked) in the input's working layout
+    (copied only when it is not)."""
     return t.contiguous(memory_format=geo.layout)
 
 
@@ -242,11 +285,17 @@ def empty_like_working(x: Tensor, geo: Geometry) -> Tensor:
     return torch.empty_like(x, memory_format=geo.layout)
 
 
-def split_f64(value: float) -> tuple[float, float]:
-    """(hi, lo) with hi = float32(value) and lo = value - hi: Triton passes Python floats as
-    fp32, and `hi + lo` evaluated in float64 in a kernel restores ~48 bits (`join_f64`)."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
+def split_f64(value: float, parts: int = 2) -> tuple[float, ...]:
+    """`value` as `parts` fp32 numbers (Triton passes Python floats as fp32) whose float64
+    sum is `value` to ~24 * parts bits: hi = float32(value), then float32 of each remainder.
+    Two parts (`join_f64`) restore ~48 bits, three (`join3_f64`) all 53 of a double."""
+    out = []
+    rest = value
+    for _ in range(parts):
+        part = struct.unpack("f", struct.pack("f", rest))[0]
+        out.append(part)
+        rest -= part
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,17 +321,19 @@ FAST_DIV_LIMIT = 2**21
 
 def elementwise_config(geo: Geometry) -> ElementwiseConfig:
     t = TUNING
+    per_thread = _values_per_thread(geo)
+    tile = max(8, t.elementwise_tile * per_thread // 8)
     if geo.cols % 8 == 0:
-        block_cols = _pick_block(geo.cols, max(8, t.elementwise_max_cols), 8)
-        block_r = max(1, min(t.elementwise_tile // block_cols, triton.next_power_of_2(geo.rows)))
+        block_cols = _pick_block(geo.cols, max(8, min(tile, t.elementwise_max_cols)), 8)
+        block_r = max(1, min(tile // block_cols, triton.next_power_of_2(geo.rows)))
         col_blocks = triton.cdiv(geo.cols, block_cols)
         grid = (triton.cdiv(geo.rows, block_r) * col_blocks,)
         return ElementwiseConfig(True, block_r, block_cols // 8, col_blocks, grid,
-                                 _warps(block_r * block_cols))
-    block = max(8, min(t.flat_tile, triton.next_power_of_2(geo.numel)))
+                                 _warps(block_r * block_cols, per_thread))
+    block = max(8, min(tile, triton.next_power_of_2(geo.numel)))
     fast_div = max(geo.c, geo.hw) + block < FAST_DIV_LIMIT
-    return ElementwiseConfig(False, 1, block // 8, 1, (triton.cdiv(geo.numel, block),), _warps(block),
-                             fast_div)
+    return ElementwiseConfig(False, 1, block // 8, 1, (triton.cdiv(geo.numel, block),),
+                             _warps(block, per_thread), fast_div)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,15 +350,17 @@ class ReduceConfig:
 
 def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
     t = TUNING
+    per_thread = _values_per_thread(geo, reduction=True)
+    tile = max(1, t.reduce_tile * per_thread // 8)
     if geo.nhwc:
         block_b = _pick_block(geo.c, t.reduce_max_c, min(16, t.reduce_max_c))
-        block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.rows)))
+        block_a = max(1, min(tile // block_b, triton.next_power_of_2(geo.rows)))
         tiles_b = 1
         n_tiles = triton.cdiv(geo.rows, block_a)
         groups = triton.cdiv(geo.c, block_b)
     else:
-        block_b = _pick_block(geo.hw, t.reduce_max_hw, min(8, t.reduce_max_hw))
-        block_a = max(1, min(t.reduce_tile // block_b, triton.next_power_of_2(geo.n)))
+        block_b = _pick_block(geo.hw, min(tile, t.reduce_max_hw), min(8, t.reduce_max_hw))
+        block_a = max(1, min(tile // block_b, triton.next_power_of_2(geo.n)))
         tiles_b = triton.cdiv(geo.hw, block_b)
         n_tiles = triton.cdiv(geo.n, block_a) * tiles_b
         groups = geo.c
@@ -316,7 +369,7 @@ def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
     tiles_per_program = triton.cdiv(n_tiles, want)
     splits = triton.cdiv(n_tiles, tiles_per_program)
     return ReduceConfig(block_a, block_b, tiles_b, n_tiles, tiles_per_program, splits, (groups, splits),
-                        _warps(block_a * block_b))
+                        _warps(block_a * block_b, per_thread))
 
 
 def merge_blocks(c: int, splits: int) -> tuple[int, int]:
@@ -336,6 +389,15 @@ def join_f64(hi, lo, IS_F64: tl.constexpr):
     """A host float passed as an fp32 (hi, lo) pair, in the accumulation dtype."""
     if IS_F64:
         return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, tl.float32)
+
+
+@triton.jit
+def join3_f64(hi, mid, lo, IS_F64: tl.constexpr):
+    """A host float passed as three fp32 parts (`split_f64(v, 3)`), exact in float64."""
+    if IS_F64:
+        return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
     else:
         return tl.cast(hi, tl.float32)
 
@@ -363,6 +425,13 @@ def nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M: tl.constexpr):
     the channels `ch`."""
     m = tl.cast(t, tl.int64) * BLOCK_M + rm
     return m * C + ch[None, :], (m < M) & cmask[None, :]
+
+
+@triton.jit
+def partials_chunk(s0, rs, S, C, ch, cmask):
+    """Offsets and validity of the chunk of (S, C) partials at rows s0 + rs, channels ch."""
+    s = s0 + rs
+    return s.to(tl.int64) * C + ch[None, :], (s < S) & cmask[None, :]
 
 
 @triton.jit

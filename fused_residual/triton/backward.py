@@ -10,7 +10,7 @@ bn_backward_reduce, per channel c, in fp32 (fp64 for fp64 input):
   `_reduce_partial_{nchw,nhwc}_kernel` use the tiling of the bn_stats kernels (a fixed
   range of tiles per program); every lane accumulates in fp32 with Kahan compensation
   (a few flops per element, free in a memory-bound loop) and the lanes of a program are
-  added in float64 into partials (2, S, C) of float64; `_reduce_merge_kernel` adds the S
+  added in float64 into two (S, C) float64 partials; `_reduce_merge_kernel` adds the S
   partials of a channel in chunks, in a fixed order, and rounds once. The sums are then
   about as accurate as the per-element products themselves (a plain fp32 tree over ~10^4
   values per channel loses a few more ulps on cancelling sums), and, with no float atomics
@@ -23,10 +23,14 @@ bn_backward_apply, per element:
     grad_input    = w_c invstd_c (dy - sum_dy_c / count
                                   - (x - mean_c) invstd_c^2 sum_dy_xmu_c / count)  training
                   = dy w_c invstd_c                                              eval
-  with the element-wise tiling of bn_apply ("rows" blocks [BLOCK_R, BLOCK_J, 8] or "flat"
-  blocks [BLOCK_J, 8], see `_common.py`): a block loads each mask byte once and expands it
-  with a shift. Bytes: read grad_out (+ x in training) + numel / 8 of mask, write
-  grad_input and/or grad_residual.
+  computed as k_c dy - (a_c (x - mean_c) + b_c) from per-channel k_c = w_c invstd_c,
+  a_c = k_c invstd_c^2 sum_dy_xmu_c / count, b_c = k_c sum_dy_c / count (one subtraction
+  and two multiply-adds per element), with the element-wise tiling of bn_apply ("rows"
+  blocks [BLOCK_R, BLOCK_J, 8], coefficients once per row / column of a block; or "flat"
+  blocks [BLOCK_J, 8], coefficients gathered from the (1 or 4, C) table a prologue kernel
+  writes, see apply.py): a block loads each mask byte once and expands it with a shift.
+  Bytes: read grad_out (+ x in training) + numel / 8 of mask, write grad_input and/or
+  grad_residual.
 """
 
 from __future__ import annotations
@@ -36,18 +40,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..checks import check_backward_apply_args, check_backward_reduce_args
 from ._common import (
-    check_mask,
-    check_per_channel,
+    device_guard,
     elementwise_config,
     empty_like_working,
     flat_channel,
     join_f64,
+    launch_plan,
     like_input,
     load_acc,
     merge_blocks,
     nchw_tile,
     nhwc_tile,
+    partials_chunk,
     per_channel,
     prepare_input,
     reduce_config,
@@ -87,6 +93,7 @@ def _lanes_sum_f64(total, comp):
     return tl.sum(total.to(tl.float64) - comp.to(tl.float64), 0)
 
 
+@launch_plan("reduce")
 @triton.jit
 def _reduce_partial_nchw_kernel(
     g_ptr, mask_ptr, x_ptr, mean_ptr, sdy_ptr, sdyx_ptr, N, C, HW, n_tiles, tiles_hw, tiles_per_program,
@@ -116,6 +123,7 @@ def _reduce_partial_nchw_kernel(
     tl.store(sdyx_ptr + out, tl.sum(_lanes_sum_f64(acc_dyx, comp_dyx), 0))
 
 
+@launch_plan("reduce")
 @triton.jit
 def _reduce_partial_nhwc_kernel(
     g_ptr, mask_ptr, x_ptr, mean_ptr, sdy_ptr, sdyx_ptr, M, C, n_tiles, tiles_per_program,
@@ -145,6 +153,7 @@ def _reduce_partial_nhwc_kernel(
     tl.store(sdyx_ptr + out, _lanes_sum_f64(acc_dyx, comp_dyx), mask=cmask)
 
 
+@launch_plan("per_channel")
 @triton.jit
 def _reduce_merge_kernel(
     part_dy_ptr, part_dyx_ptr, var_ptr, sdy_ptr, sdyx_ptr, gw_ptr, C, S, eps_hi, eps_lo,
@@ -159,9 +168,7 @@ def _reduce_merge_kernel(
     sdy = tl.zeros([BLOCK_C], dtype=tl.float64)
     sdyx = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + rs
-        valid = (s < S) & cmask[None, :]
-        offs = s.to(tl.int64) * C + ch[None, :]
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
         sdy += tl.sum(tl.load(part_dy_ptr + offs, mask=valid, other=0.0), 0)
         sdyx += tl.sum(tl.load(part_dyx_ptr + offs, mask=valid, other=0.0), 0)
     invstd = rstd(load_acc(var_ptr, ch, cmask, True), join_f64(eps_hi, eps_lo, True))
@@ -173,11 +180,9 @@ def _reduce_merge_kernel(
 def _launch_backward_reduce(
     grad_out: Tensor, mask: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_backward_reduce_args(grad_out, mask, input, mean, var)
     x, geo = prepare_input(input)
-    g = like_input(grad_out, input, geo, "grad_out")
-    check_mask(mask, input)
-    check_per_channel(mean, geo.c, x.device, "mean")
-    check_per_channel(var, geo.c, x.device, "var")
+    g = like_input(grad_out, geo)
     mean, var = per_channel(mean), per_channel(var)
     sum_dy, sum_dy_xmu, grad_weight = (
         torch.empty((geo.c,), dtype=geo.acc, device=x.device) for _ in range(3)
@@ -185,24 +190,27 @@ def _launch_backward_reduce(
     if geo.c == 0:
         return sum_dy, sum_dy_xmu, grad_weight
     cfg = reduce_config(geo, x.device)
-    # (sum dy, sum dy * (x - mean)) of every (split, channel), in float64 (see the docstring)
-    partials = torch.empty((2, cfg.splits, geo.c), dtype=torch.float64, device=x.device).unbind(0)
-    if geo.nhwc:
-        wrap_triton(_reduce_partial_nhwc_kernel)[cfg.grid](
-            g, mask, x, mean, *partials, geo.rows, geo.c, cfg.n_tiles, cfg.tiles_per_program,
-            IS_F64=geo.is_f64, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, num_warps=cfg.num_warps,
-        )
-    else:
-        wrap_triton(_reduce_partial_nchw_kernel)[cfg.grid](
-            g, mask, x, mean, *partials, geo.n, geo.c, geo.hw, cfg.n_tiles, cfg.tiles_b,
-            cfg.tiles_per_program,
-            IS_F64=geo.is_f64, BLOCK_N=cfg.block_a, BLOCK_HW=cfg.block_b, num_warps=cfg.num_warps,
-        )
+    # (sum dy, sum dy * (x - mean)) of every (split, channel), in float64 (see the docstring):
+    # two tensors, not two views of one, as every kernel output is its own tensor.
+    part_dy, part_dyx = (torch.empty((cfg.splits, geo.c), dtype=torch.float64, device=x.device)
+                         for _ in range(2))
     block_s, block_c = merge_blocks(geo.c, cfg.splits)
-    wrap_triton(_reduce_merge_kernel)[(triton.cdiv(geo.c, block_c),)](
-        *partials, var, sum_dy, sum_dy_xmu, grad_weight, geo.c, cfg.splits, *split_f64(eps),
-        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
-    )
+    with device_guard(x.device):
+        if geo.nhwc:
+            wrap_triton(_reduce_partial_nhwc_kernel)[cfg.grid](
+                g, mask, x, mean, part_dy, part_dyx, geo.rows, geo.c, cfg.n_tiles, cfg.tiles_per_program,
+                IS_F64=geo.is_f64, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, num_warps=cfg.num_warps,
+            )
+        else:
+            wrap_triton(_reduce_partial_nchw_kernel)[cfg.grid](
+                g, mask, x, mean, part_dy, part_dyx, geo.n, geo.c, geo.hw, cfg.n_tiles, cfg.tiles_b,
+                cfg.tiles_per_program,
+                IS_F64=geo.is_f64, BLOCK_N=cfg.block_a, BLOCK_HW=cfg.block_b, num_warps=cfg.num_warps,
+            )
+        wrap_triton(_reduce_merge_kernel)[(triton.cdiv(geo.c, block_c),)](
+            part_dy, part_dyx, var, sum_dy, sum_dy_xmu, grad_weight, geo.c, cfg.splits, *split_f64(eps),
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+        )
     return sum_dy, sum_dy_xmu, grad_weight
 
 
@@ -225,32 +233,46 @@ def triton_bn_backward_reduce(
 
 
 @triton.jit
-def _backward_block(
-    g_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, gi_ptr, gr_ptr,
-    offs, valid, bits, ch, cmask, eps, count,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_GI: tl.constexpr, NEED_GR: tl.constexpr,
-    IS_F64: tl.constexpr,
-):
+def _backward_coeffs(mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, ch, cmask, eps, count,
+                     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, IS_F64: tl.constexpr):
+    """Per-channel (k, mean, a, b) of grad_input = k * dy - (a * (x - mean) + b):
+    k = w * invstd, and in training a = k * invstd^2 * sum_dy_xmu / count,
+    b = k * sum_dy / count (mean, a, b repeat k in eval; unused)."""
+    invstd = rstd(load_acc(var_ptr, ch, cmask, IS_F64), eps)
+    k = invstd
+    if HAS_WEIGHT:
+        k = load_acc(w_ptr, ch, cmask, IS_F64) * invstd
+    if TRAINING:
+        mean = load_acc(mean_ptr, ch, cmask, IS_F64)
+        a = k * (invstd * invstd) * (load_acc(sdyx_ptr, ch, cmask, IS_F64) / count)
+        b = k * (load_acc(sdy_ptr, ch, cmask, IS_F64) / count)
+    else:
+        mean = k
+        a = k
+        b = k
+    return k, mean, a, b
+
+
+@triton.jit
+def _backward_values(g_ptr, x_ptr, gi_ptr, gr_ptr, offs, valid, bits, k, mean, a, b,
+                     TRAINING: tl.constexpr, NEED_GI: tl.constexpr, NEED_GR: tl.constexpr,
+                     IS_F64: tl.constexpr):
+    """One block of grad_residual = dy and grad_input from per-element coefficients."""
     g = tl.load(g_ptr + offs, mask=valid, other=0.0)
     dy = tl.where(bits != 0, g, tl.zeros_like(g))
     if NEED_GR:
         tl.store(gr_ptr + offs, dy.to(gr_ptr.dtype.element_ty), mask=valid)
     if NEED_GI:
-        invstd = rstd(load_acc(var_ptr, ch, cmask, IS_F64), eps)
-        k = invstd
-        if HAS_WEIGHT:
-            k = load_acc(w_ptr, ch, cmask, IS_F64) * invstd
         dy = to_acc(dy, IS_F64)
         if TRAINING:
-            mean_dy = load_acc(sdy_ptr, ch, cmask, IS_F64) / count
-            mean_dyx = load_acc(sdyx_ptr, ch, cmask, IS_F64) / count
-            xmu = load_acc(x_ptr, offs, valid, IS_F64) - load_acc(mean_ptr, ch, cmask, IS_F64)
-            gi = k * (dy - mean_dy - xmu * (invstd * invstd) * mean_dyx)
+            xmu = load_acc(x_ptr, offs, valid, IS_F64) - mean
+            gi = k * dy - (a * xmu + b)
         else:
-            gi = dy * k
+            gi = k * dy
         tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=valid)
 
 
+@launch_plan("elementwise")
 @triton.jit
 def _backward_apply_rows_kernel(
     g_ptr, mask_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, gi_ptr, gr_ptr,
@@ -258,11 +280,11 @@ def _backward_apply_rows_kernel(
     NHWC: tl.constexpr, HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_GI: tl.constexpr,
     NEED_GR: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Block [BLOCK_R rows, BLOCK_J bytes, 8 bits] of the (ROWS, 8 * COLS8) row matrix."""
+    """Block [BLOCK_R rows, BLOCK_J bytes, 8 bits] of the (ROWS, 8 * COLS8) row matrix; the
+    coefficients are computed once per row (NCHW) or column (NHWC) of the block."""
     pid = tl.program_id(0)
     pid_r = pid // col_blocks
     pid_c = pid - pid_r * col_blocks
-    eps = join_f64(eps_hi, eps_lo, IS_F64)
     row = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     byte = pid_c * BLOCK_J + tl.arange(0, BLOCK_J)
     bit = tl.arange(0, 8)
@@ -280,21 +302,44 @@ def _backward_apply_rows_kernel(
     else:
         ch = (row % C).to(tl.int32)[:, None, None]
         cmask = row_ok[:, None, None]
-    _backward_block(g_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, gi_ptr, gr_ptr,
-                    offs, valid, bits, ch, cmask, eps, count,
-                    HAS_WEIGHT, TRAINING, NEED_GI, NEED_GR, IS_F64)
+    if NEED_GI:
+        k, mean, a, b = _backward_coeffs(mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, ch, cmask,
+                                         join_f64(eps_hi, eps_lo, IS_F64), count, HAS_WEIGHT, TRAINING,
+                                         IS_F64)
+    else:  # unused
+        k, mean, a, b = 0.0, 0.0, 0.0, 0.0
+    _backward_values(g_ptr, x_ptr, gi_ptr, gr_ptr, offs, valid, bits, k, mean, a, b,
+                     TRAINING, NEED_GI, NEED_GR, IS_F64)
 
 
+@launch_plan("per_channel")
+@triton.jit
+def _backward_coeffs_kernel(
+    mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, coef_ptr, C, eps_hi, eps_lo, count,
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, IS_F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The flat-mode prologue: rows (k[, mean, a, b]) of the (1 or 4, C) coefficient table."""
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    k, mean, a, b = _backward_coeffs(mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, ch, cmask,
+                                     join_f64(eps_hi, eps_lo, IS_F64), count, HAS_WEIGHT, TRAINING, IS_F64)
+    tl.store(coef_ptr + ch, k, mask=cmask)
+    if TRAINING:
+        tl.store(coef_ptr + C + ch, mean, mask=cmask)
+        tl.store(coef_ptr + 2 * C + ch, a, mask=cmask)
+        tl.store(coef_ptr + 3 * C + ch, b, mask=cmask)
+
+
+@launch_plan("elementwise")
 @triton.jit
 def _backward_apply_flat_kernel(
-    g_ptr, mask_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, gi_ptr, gr_ptr,
-    numel, C, HW, c_inv, hw_inv, eps_hi, eps_lo, count,
-    NHWC: tl.constexpr, HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_GI: tl.constexpr,
-    NEED_GR: tl.constexpr, IS_F64: tl.constexpr, FAST_DIV: tl.constexpr, BLOCK_J: tl.constexpr,
+    g_ptr, mask_ptr, x_ptr, coef_ptr, gi_ptr, gr_ptr, numel, C, HW, c_inv, hw_inv,
+    NHWC: tl.constexpr, TRAINING: tl.constexpr, NEED_GI: tl.constexpr, NEED_GR: tl.constexpr,
+    IS_F64: tl.constexpr, FAST_DIV: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Block [BLOCK_J bytes, 8 bits] of the flat memory order."""
+    """Block [BLOCK_J bytes, 8 bits] of the flat memory order; the coefficients of each
+    element's channel are gathered from the table of `_backward_coeffs_kernel`."""
     pid = tl.program_id(0)
-    eps = join_f64(eps_hi, eps_lo, IS_F64)
     base = pid.to(tl.int64) * (BLOCK_J * 8)
     byte = tl.arange(0, BLOCK_J)
     bit = tl.arange(0, 8)
@@ -304,10 +349,21 @@ def _backward_apply_flat_kernel(
     byte_idx = pid.to(tl.int64) * BLOCK_J + byte
     packed = tl.load(mask_ptr + byte_idx, mask=byte_idx < (numel + 7) // 8, other=0)
     bits = (packed.to(tl.int32)[:, None] >> bit[None, :]) & 1
-    ch = flat_channel(base, local, C, HW, c_inv, hw_inv, NHWC, FAST_DIV)
-    _backward_block(g_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, gi_ptr, gr_ptr,
-                    offs, valid, bits, ch, valid, eps, count,
-                    HAS_WEIGHT, TRAINING, NEED_GI, NEED_GR, IS_F64)
+    if NEED_GI:
+        ch = flat_channel(base, local, C, HW, c_inv, hw_inv, NHWC, FAST_DIV)  # in [0, C) everywhere
+        k = tl.load(coef_ptr + ch)
+        if TRAINING:
+            mean = tl.load(coef_ptr + C + ch)
+            a = tl.load(coef_ptr + 2 * C + ch)
+            b = tl.load(coef_ptr + 3 * C + ch)
+        else:
+            mean = k
+            a = k
+            b = k
+    else:  # unused
+        k, mean, a, b = 0.0, 0.0, 0.0, 0.0
+    _backward_values(g_ptr, x_ptr, gi_ptr, gr_ptr, offs, valid, bits, k, mean, a, b,
+                     TRAINING, NEED_GI, NEED_GR, IS_F64)
 
 
 def _launch_backward_apply(
@@ -315,17 +371,9 @@ def _launch_backward_apply(
     sum_dy: Tensor | None, sum_dy_xmu: Tensor | None, eps: float, count: int,
     need_grad_input: bool, need_grad_residual: bool,
 ) -> tuple[Tensor, Tensor]:
+    check_backward_apply_args(grad_out, mask, input, mean, var, weight, sum_dy, sum_dy_xmu, count)
     x, geo = prepare_input(input)
-    g = like_input(grad_out, input, geo, "grad_out")
-    check_mask(mask, input)
-    if (sum_dy is None) != (sum_dy_xmu is None):
-        raise ValueError("fused_residual: sum_dy and sum_dy_xmu must both be given (training) or both "
-                         "be None (eval)")
-    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("sum_dy", sum_dy),
-                    ("sum_dy_xmu", sum_dy_xmu)):
-        check_per_channel(t, geo.c, x.device, name)
-    if count < 1:
-        raise ValueError(f"fused_residual: count (values per channel) must be >= 1, got {count}")
+    g = like_input(grad_out, geo)
     mean, var, weight, sum_dy, sum_dy_xmu = (per_channel(t) for t in (mean, var, weight, sum_dy, sum_dy_xmu))
     grad_input = empty_like_working(x, geo) if need_grad_input else x.new_empty((0,))
     grad_residual = empty_like_working(x, geo) if need_grad_residual else x.new_empty((0,))
@@ -333,23 +381,33 @@ def _launch_backward_apply(
         return grad_input, grad_residual
     cfg = elementwise_config(geo)
     training = sum_dy is not None
-    # Tensors for absent / unneeded arguments are never read or written (constexpr flags).
-    out_dummy = grad_input if need_grad_input else grad_residual
-    ptrs = (g, mask, x, mean, var, mean if weight is None else weight,
-            sum_dy if training else mean, sum_dy_xmu if training else mean,
-            grad_input if need_grad_input else out_dummy, grad_residual if need_grad_residual else out_dummy)
-    flags = dict(NHWC=geo.nhwc, HAS_WEIGHT=weight is not None, TRAINING=training,
-                 NEED_GI=need_grad_input, NEED_GR=need_grad_residual, IS_F64=geo.is_f64)
-    if cfg.rows_mode:
-        wrap_triton(_backward_apply_rows_kernel)[cfg.grid](
-            *ptrs, geo.rows, geo.cols // 8, geo.c, cfg.col_blocks, *split_f64(eps), count,
-            **flags, BLOCK_R=cfg.block_r, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
-        )
-    else:
-        wrap_triton(_backward_apply_flat_kernel)[cfg.grid](
-            *ptrs, geo.numel, geo.c, geo.hw, 1.0 / geo.c, 1.0 / geo.hw, *split_f64(eps), count,
-            **flags, FAST_DIV=cfg.fast_div, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
-        )
+    # Inputs for absent arguments are stand-ins the kernel never reads (constexpr flags); each
+    # output is its own tensor (empty when not wanted), never a stand-in for another.
+    channel_ptrs = (mean, var, mean if weight is None else weight, sum_dy if training else mean,
+                    sum_dy_xmu if training else mean)
+    eps_args = split_f64(eps)
+    flags = dict(NHWC=geo.nhwc, TRAINING=training, NEED_GI=need_grad_input, NEED_GR=need_grad_residual,
+                 IS_F64=geo.is_f64)
+    with device_guard(x.device):
+        if cfg.rows_mode:
+            wrap_triton(_backward_apply_rows_kernel)[cfg.grid](
+                g, mask, x, *channel_ptrs, grad_input, grad_residual, geo.rows, geo.cols // 8, geo.c,
+                cfg.col_blocks, *eps_args, count,
+                **flags, HAS_WEIGHT=weight is not None, BLOCK_R=cfg.block_r, BLOCK_J=cfg.block_j,
+                num_warps=cfg.num_warps,
+            )
+        else:
+            coef = torch.empty((4 if training else 1, geo.c), dtype=geo.acc, device=x.device)
+            if need_grad_input:
+                block_c = min(1024, triton.next_power_of_2(geo.c))
+                wrap_triton(_backward_coeffs_kernel)[(triton.cdiv(geo.c, block_c),)](
+                    *channel_ptrs, coef, geo.c, *eps_args, count, HAS_WEIGHT=weight is not None,
+                    TRAINING=training, IS_F64=geo.is_f64, BLOCK_C=block_c, num_warps=4,
+                )
+            wrap_triton(_backward_apply_flat_kernel)[cfg.grid](
+                g, mask, x, coef, grad_input, grad_residual, geo.numel, geo.c, geo.hw, 1.0 / geo.c,
+                1.0 / geo.hw, **flags, FAST_DIV=cfg.fast_div, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
+            )
     return grad_input, grad_residual
 
 

@@ -15,10 +15,12 @@ accumulated in fp32 (fp64 for fp64 input), deterministic and numerically stable:
    ("Updating formulae and a pairwise algorithm for computing sample variances", 1979):
    n = sum n_i, m = sum n_i m_i / n, M2 = sum (M2_i + n_i (m_i - m)^2), and the program
    writes one (n, m - K, M2) per channel into partials of shape (3, S, C).
-2. `_stats_merge_kernel`, one program per block of channels: merges the S partials in
-   chunks of BLOCK_S (group formula above), Chan-merging the chunks in the order of s (a
-   fixed order, so the result is bitwise reproducible), and writes mean = K + m,
-   var = M2 / count.
+2. `_stats_merge_kernel`, one program per block of channels: the group formula above over
+   the S partials, as two passes in chunks of BLOCK_S in the order of s (a fixed order, so
+   the result is bitwise reproducible): sum n_i m_i, then m and M2. Every channel has
+   n = count = N*H*W values: m = sum n_i m_i / count, var = M2 / count, mean = K + m. In
+   float64 the two divisions multiply by 1 / count rounded on the host (a float64 division
+   is a call that made ptxas spill; the product is within 1 ulp of the quotient).
 
 Never E[x^2] - E[x]^2. The tiling follows the Triton layer-norm tutorial (a 2-D block per
 loop step, accumulators kept per lane and reduced once at the end).
@@ -40,14 +42,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..checks import check_stats_args, check_update_running_stats_args
 from ..reference import acc_dtype
 from ._common import (
-    check_per_channel,
+    device_guard,
+    join3_f64,
     join_f64,
+    launch_plan,
     load_acc,
     merge_blocks,
     nchw_tile,
     nhwc_tile,
+    partials_chunk,
     prepare_input,
     reduce_config,
     split_f64,
@@ -82,6 +88,7 @@ def _welford_lanes(cnt, mean, m2, AXIS: tl.constexpr):
     return n, m, m2
 
 
+@launch_plan("reduce")
 @triton.jit
 def _stats_partial_nchw_kernel(
     x_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, HW, n_tiles, tiles_hw, tiles_per_program,
@@ -113,6 +120,7 @@ def _stats_partial_nchw_kernel(
     tl.store(m2_ptr + out, m2)
 
 
+@launch_plan("reduce")
 @triton.jit
 def _stats_partial_nhwc_kernel(
     x_ptr, cnt_ptr, mean_ptr, m2_ptr, M, C, n_tiles, tiles_per_program,
@@ -144,38 +152,44 @@ def _stats_partial_nhwc_kernel(
 
 
 @triton.jit
+def _per_count(v, count, inv_count, IS_F64: tl.constexpr):
+    """v / count: an IEEE division in fp32, a product with the host's 1 / count in fp64."""
+    if IS_F64:
+        return v * inv_count
+    else:
+        return v / count
+
+
+@launch_plan("per_channel")
+@triton.jit
 def _stats_merge_kernel(
-    x_ptr, cnt_ptr, part_mean_ptr, m2_ptr, mean_ptr, var_ptr, C, S, shift_stride, count,
-    IS_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, cnt_ptr, part_mean_ptr, m2_ptr, mean_ptr, var_ptr, C, S, shift_stride, count, inv_count_hi,
+    inv_count_mid, inv_count_lo, IS_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge the S partials of BLOCK_C channels: chunks of BLOCK_S partials in the order
-    s = 0, BLOCK_S, ..., each merged as a group and then Chan-merged into the running
-    (n, m, M2): a fixed order for a given S."""
+    """Merge the S partials (n_i, m_i, M2_i) of BLOCK_C channels with the group formula,
+    in two passes over chunks of BLOCK_S partials in the order s = 0, BLOCK_S, ...:
+    m = sum n_i m_i / count, then M2 = sum (M2_i + n_i (m_i - m)^2)."""
     ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < C
     rs = tl.arange(0, BLOCK_S)[:, None]
-    n_a = tl.zeros([BLOCK_C], dtype=ACC)
-    m_a = tl.zeros([BLOCK_C], dtype=ACC)
-    q_a = tl.zeros([BLOCK_C], dtype=ACC)
+    inv_count = join3_f64(inv_count_hi, inv_count_mid, inv_count_lo, IS_F64)
+    s1 = tl.zeros([BLOCK_C], dtype=ACC)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + rs
-        valid = (s < S) & cmask[None, :]
-        offs = s.to(tl.int64) * C + ch[None, :]
-        n_b, m_b, q_b = _welford_lanes(load_acc(cnt_ptr, offs, valid, IS_F64),
-                                       load_acc(part_mean_ptr, offs, valid, IS_F64),
-                                       load_acc(m2_ptr, offs, valid, IS_F64), 0)
-        n = n_a + n_b
-        delta = m_b - m_a
-        w_b = n_b / tl.maximum(n, 1.0)
-        m_a = m_a + delta * w_b
-        q_a = q_a + q_b + delta * delta * n_a * w_b
-        n_a = n
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
+        s1 += tl.sum(load_acc(cnt_ptr, offs, valid, IS_F64) * load_acc(part_mean_ptr, offs, valid, IS_F64), 0)
+    m = _per_count(s1, count, inv_count, IS_F64)
+    q = tl.zeros([BLOCK_C], dtype=ACC)
+    for s0 in range(0, S, BLOCK_S):
+        offs, valid = partials_chunk(s0, rs, S, C, ch, cmask)
+        d = load_acc(part_mean_ptr, offs, valid, IS_F64) - m[None, :]
+        q += tl.sum(load_acc(m2_ptr, offs, valid, IS_F64) + load_acc(cnt_ptr, offs, valid, IS_F64) * d * d, 0)
     shift = load_acc(x_ptr, ch.to(tl.int64) * shift_stride, cmask, IS_F64)
-    tl.store(mean_ptr + ch, shift + m_a, mask=cmask)
-    tl.store(var_ptr + ch, q_a / count, mask=cmask)
+    tl.store(mean_ptr + ch, shift + m, mask=cmask)
+    tl.store(var_ptr + ch, _per_count(q, count, inv_count, IS_F64), mask=cmask)
 
 
+@launch_plan("per_channel")
 @triton.jit
 def _update_running_stats_kernel(
     mean_ptr, var_ptr, rm_ptr, rv_ptr, C, rm_stride, rv_stride,
@@ -203,29 +217,33 @@ def _update_running_stats_kernel(
 
 
 def _launch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    check_stats_args(input)
     x, geo = prepare_input(input)
     mean = torch.empty((geo.c,), dtype=geo.acc, device=x.device)
     var = torch.empty((geo.c,), dtype=geo.acc, device=x.device)
     if geo.c == 0:
         return mean, var
     cfg = reduce_config(geo, x.device)
-    # (count, shifted mean, M2) of every (split, channel)
-    partials = torch.empty((3, cfg.splits, geo.c), dtype=geo.acc, device=x.device).unbind(0)
-    if geo.nhwc:
-        wrap_triton(_stats_partial_nhwc_kernel)[cfg.grid](
-            x, *partials, geo.rows, geo.c, cfg.n_tiles, cfg.tiles_per_program,
-            IS_F64=geo.is_f64, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, num_warps=cfg.num_warps,
-        )
-    else:
-        wrap_triton(_stats_partial_nchw_kernel)[cfg.grid](
-            x, *partials, geo.n, geo.c, geo.hw, cfg.n_tiles, cfg.tiles_b, cfg.tiles_per_program,
-            IS_F64=geo.is_f64, BLOCK_N=cfg.block_a, BLOCK_HW=cfg.block_b, num_warps=cfg.num_warps,
-        )
+    # (count, shifted mean, M2) of every (split, channel): three tensors, not views of one, as
+    # every kernel output is its own tensor.
+    partials = tuple(torch.empty((cfg.splits, geo.c), dtype=geo.acc, device=x.device) for _ in range(3))
     block_s, block_c = merge_blocks(geo.c, cfg.splits)
-    wrap_triton(_stats_merge_kernel)[(triton.cdiv(geo.c, block_c),)](
-        x, *partials, mean, var, geo.c, cfg.splits, geo.shift_stride, geo.n * geo.hw,
-        IS_F64=geo.is_f64, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
-    )
+    with device_guard(x.device):
+        if geo.nhwc:
+            wrap_triton(_stats_partial_nhwc_kernel)[cfg.grid](
+                x, *partials, geo.rows, geo.c, cfg.n_tiles, cfg.tiles_per_program,
+                IS_F64=geo.is_f64, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, num_warps=cfg.num_warps,
+            )
+        else:
+            wrap_triton(_stats_partial_nchw_kernel)[cfg.grid](
+                x, *partials, geo.n, geo.c, geo.hw, cfg.n_tiles, cfg.tiles_b, cfg.tiles_per_program,
+                IS_F64=geo.is_f64, BLOCK_N=cfg.block_a, BLOCK_HW=cfg.block_b, num_warps=cfg.num_warps,
+            )
+        wrap_triton(_stats_merge_kernel)[(triton.cdiv(geo.c, block_c),)](
+            x, *partials, mean, var, geo.c, cfg.splits, geo.shift_stride, geo.n * geo.hw,
+            *split_f64(1.0 / (geo.n * geo.hw), 3),
+            IS_F64=geo.is_f64, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+        )
     return mean, var
 
 
@@ -242,25 +260,19 @@ def triton_bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
 def _launch_update_running_stats(
     mean: Tensor, var: Tensor, count: int, running_mean: Tensor, running_var: Tensor, momentum: float
 ) -> None:
-    if mean.dim() != 1:
-        raise ValueError(f"fused_residual: mean must be 1-D (C,), got shape {tuple(mean.shape)}")
+    check_update_running_stats_args(mean, var, count, running_mean, running_var)
     c = mean.shape[0]
-    for name, t in (("mean", mean), ("var", var), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_per_channel(t, c, mean.device, name)
-    if count < 2:
-        raise ValueError(f"fused_residual: count (values per channel) must be >= 2 to unbias the "
-                         f"running variance, got {count}")
     if c == 0:
         return
     is_f64 = acc_dtype(mean.dtype) == torch.float64
     block_c = min(1024, triton.next_power_of_2(c))
-    wrap_triton(_update_running_stats_kernel)[(triton.cdiv(c, block_c),)](
-        mean.contiguous(), var.contiguous(), running_mean, running_var, c,
-        running_mean.stride(0), running_var.stride(0),
-        *split_f64(momentum), *split_f64(1 - momentum), *split_f64(count / (count - 1)),
-        IS_F64=is_f64, BLOCK_C=block_c, num_warps=4,
-    )
+    with device_guard(mean.device):
+        wrap_triton(_update_running_stats_kernel)[(triton.cdiv(c, block_c),)](
+            mean.contiguous(), var.contiguous(), running_mean, running_var, c,
+            running_mean.stride(0), running_var.stride(0),
+            *split_f64(momentum), *split_f64(1 - momentum), *split_f64(count / (count - 1)),
+            IS_F64=is_f64, BLOCK_C=block_c, num_warps=4,
+        )
 
 
 @triton_op(
