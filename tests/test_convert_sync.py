@@ -228,3 +228,13 @@ def test_dual_tail_needs_both_norms_synchronized_alike(change):
     if BACKEND != "reference":
         assert fused_counts(copy.deepcopy(model), X)["bn_dual_apply"] == 2
     assert_like_original(model, original, X)
+
+
+def test_synchronized_model_traces():
+    """torch.fx records each synchronized fused op as one call (fused_sync_norm_forward,
+    fused_dual_forward), and the traced model computes what the model does."""
+    model = fused_residual.convert_sync_batchnorm(fused_residual.convert(resnet18(), backend=BACKEND))
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    targets = " ".join(str(n.target) for n in gm.graph.nodes)
+    assert targets.count("fused_sync_norm_forward") == 17 - 3 and targets.count("fused_dual_forward") == 3
+    assert torch.equal(gm(X), model(X))
