@@ -13,24 +13,39 @@ progress bar, each model's throughput (images/s over the timed steps) and loss, 
   float32 runs that differ only in rounding follow different trajectories, so later single
   losses are not comparable, but their averages are.
 
+With `--sync`, under `torchrun`, both models train with synchronized BatchNorm under
+DistributedDataParallel: each rank takes its shard of every batch (`--batch-size` is the
+whole batch), the converted model is synchronized by `fused_residual.convert_sync_batchnorm`,
+the eager one by `nn.SyncBatchNorm` (on CPU, which nn.SyncBatchNorm refuses, by PyTorch's
+SyncBatchNorm algorithm in eager ops: fused_residual's backend "reference"); gloo on CPU,
+NCCL on GPUs (one per rank). The float64 truth is the original model on the whole batch in
+one process, which synchronized BatchNorm reproduces; the losses are averaged over the ranks
+and rank 0 prints.
+
 Exits 1 when a check fails, 2 on bad arguments. Defaults (resnet18, 32x32 images, batch 32,
 300 steps) take a few minutes on a 2-core CPU:
 
     python examples/train_resnet.py
     python examples/train_resnet.py --device cuda --arch resnet50 --image-size 64 --batch-size 128 \\
         --channels-last --bf16
+    torchrun --standalone --nproc-per-node 2 examples/train_resnet.py --sync
+    torchrun --standalone --nproc-per-node 2 examples/train_resnet.py --sync --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fused_residual
 
@@ -127,7 +142,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="moving-average window of the curve check, at most --steps" + d)
     p.add_argument("--curve-rtol", type=float, default=0.15,
                    help="largest relative difference of the two moving averages" + d)
+    p.add_argument("--sync", action="store_true",
+                   help="synchronized BatchNorm and DDP, one process per rank, under torchrun "
+                        "(default: one process)")
     args = p.parse_args(argv)
+    if args.sync:
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        if world < 1 or "LOCAL_RANK" not in os.environ:
+            p.error("--sync runs under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
+                    "examples/train_resnet.py --sync")
+        if args.batch_size % world:
+            p.error(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     for name in ("batch_size", "image_size", "classes", "window"):
@@ -140,20 +165,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def within_rule(name: str, errors: dict[str, float], ulp: float, scale: float) -> bool:
+def within_rule(name: str, errors: dict[str, float], ulp: float, scale: float, say=print) -> bool:
     """The tolerance rule on one result: converted error <= 2 x eager error + 1 ulp x scale."""
     bound = 2 * errors["eager"] + ulp * scale
     ok = errors["fused"] <= bound
-    print(f"first step {name}: error against float64: eager {errors['eager']:.2e}, converted "
-          f"{errors['fused']:.2e} (bound {bound:.2e}) {'ok' if ok else 'FAIL'}")
+    say(f"first step {name}: error against float64: eager {errors['eager']:.2e}, converted "
+        f"{errors['fused']:.2e} (bound {bound:.2e}) {'ok' if ok else 'FAIL'}")
     return ok
+
+
+def init_sync(args: argparse.Namespace) -> tuple[int, int]:
+    """--sync: join the process group torchrun describes in the environment (NCCL with one GPU
+    per rank for --device cuda, else gloo); returns (rank, world size)."""
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def synchronized(name: str, model: nn.Module, device: str) -> nn.Module:
+    """--sync: `model` with synchronized BatchNorm under DDP (see the module docstring)."""
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    if name == "eager" and device_ids is not None:
+        return DDP(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=device_ids)
+    if name == "eager":  # CPU: PyTorch's SyncBatchNorm algorithm, unfused (backend "reference")
+        fused_residual.convert(model, backend="reference")
+    # DDP refuses a CPU module that holds an nn.SyncBatchNorm (PyTorch's is GPU-only), and
+    # convert_sync_batchnorm swaps classes in place: synchronize after wrapping.
+    ddp = DDP(model, device_ids=device_ids)
+    fused_residual.convert_sync_batchnorm(ddp)
+    return ddp
+
+
+def global_mean(value: torch.Tensor, sync: bool) -> torch.Tensor:
+    """--sync: the mean over the ranks (equal shards: the whole batch's mean)."""
+    if sync:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank, world = init_sync(args) if args.sync else (0, 1)
+    say = print if rank == 0 else (lambda *_, **__: None)
     torch.manual_seed(args.seed)
     eager = getattr(torchvision.models, args.arch)(num_classes=args.classes)
-    # The float64 truth of the first step: the same weights and batch, no autocast.
+    # The float64 truth of the first step: the same weights and (whole) batch, no autocast.
     truth_model = copy.deepcopy(eager).double().to(args.device).train()
     fused = fused_residual.convert(copy.deepcopy(eager), backend=args.backend)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -161,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     optims = {}
     for name, m in models.items():
         m.to(device=args.device, memory_format=fmt).train()
+        if args.sync:
+            models[name] = synchronized(name, m, args.device)
         optims[name] = torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     data = SyntheticData(args.classes, args.image_size, args.batch_size, args.seed + 1, args.device)
+    shard = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
 
     def train_step(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         optims[name].zero_grad(set_to_none=True)
@@ -171,24 +236,27 @@ def main(argv: list[str] | None = None) -> int:
             loss = F.cross_entropy(logits, y)
         loss.backward()
         optims[name].step()
-        return loss.detach(), logits.detach()
+        return global_mean(loss.detach(), args.sync), logits.detach()
 
-    print(f"{args.arch} on {args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, {'bf16 autocast' if args.bf16 else 'float32'}"
-          f"{', channels_last' if args.channels_last else ''}, {args.steps} steps, lr {args.lr:g}, "
-          f"backend {args.backend!r} (available here: {fused_residual.available_backends(args.device)})")
+    ranks = f", {world} ranks ({dist.get_backend()}), synchronized BatchNorm under DDP" if args.sync else ""
+    say(f"{args.arch} on {args.device} ({torch.get_num_threads()} threads){ranks}, batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}, {'bf16 autocast' if args.bf16 else 'float32'}"
+        f"{', channels_last' if args.channels_last else ''}, {args.steps} steps, lr {args.lr:g}, "
+        f"backend {args.backend!r} (available here: {fused_residual.available_backends(args.device)})")
     losses: dict[str, list[torch.Tensor]] = {"eager": [], "fused": []}
     first_logits: dict[str, torch.Tensor] = {}
     seconds = {"eager": 0.0, "fused": 0.0}
-    bar = Progress(args.steps)
+    bar = Progress(args.steps) if rank == 0 else None
     for step in range(args.steps):
         x, y = data.batch()
         x = x.contiguous(memory_format=fmt)
         if step == 0:
             with torch.no_grad():
-                first_logits["truth"] = truth_model(x.double())
-            first_labels = y
+                truth_all = truth_model(x.double())  # (the whole batch, in one process)
+            truth_loss = F.cross_entropy(truth_all, y).item()
+            first_logits["truth"] = truth_all[shard]
             del truth_model
+        x, y = x[shard], y[shard]
         # Alternate which model goes first, so neither always runs on a warmer cache.
         for name in (("fused", "eager") if step % 2 else ("eager", "fused")):
             synchronize(args.device)
@@ -200,42 +268,49 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[name] += time.perf_counter() - start
             if step == 0:
                 first_logits[name] = logits
-        if step % 10 == 0 or step == args.steps - 1:
+        if bar is not None and (step % 10 == 0 or step == args.steps - 1):
             timed = (step + 1 - args.warmup) * args.batch_size
             speed = (f"img/s eager {timed / seconds['eager']:.0f} fused {timed / seconds['fused']:.0f}"
                      if timed > 0 else "img/s after warmup")
             bar.update(step + 1, f"loss eager {losses['eager'][-1].item():.3f} fused "
                                  f"{losses['fused'][-1].item():.3f} | {speed}")
-    bar.close()
+    if bar is not None:
+        bar.close()
 
     curves = {k: [v.item() for v in vs] for k, vs in losses.items()}
     timed_steps = args.steps - args.warmup
     speed = {k: timed_steps * args.batch_size / s for k, s in seconds.items()}
-    print(f"throughput over the last {timed_steps} steps (images/s): eager {speed['eager']:.1f}, "
-          f"converted {speed['fused']:.1f} ({speed['fused'] / speed['eager']:.2f}x)")
-    print(f"ms per step: eager {1e3 * seconds['eager'] / timed_steps:.1f}, converted "
-          f"{1e3 * seconds['fused'] / timed_steps:.1f}")
+    say(f"throughput over the last {timed_steps} steps (images/s{', all ranks' if args.sync else ''}): "
+        f"eager {speed['eager']:.1f}, converted {speed['fused']:.1f} "
+        f"({speed['fused'] / speed['eager']:.2f}x)")
+    say(f"ms per step: eager {1e3 * seconds['eager'] / timed_steps:.1f}, converted "
+        f"{1e3 * seconds['fused'] / timed_steps:.1f}")
     for k in sorted({0, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1}):
-        print(f"  step {k:5d}: loss eager {curves['eager'][k]:.4f}  converted {curves['fused'][k]:.4f}")
+        say(f"  step {k:5d}: loss eager {curves['eager'][k]:.4f}  converted {curves['fused'][k]:.4f}")
 
-    truth = first_logits["truth"]
-    truth_loss = F.cross_entropy(truth, first_labels).item()
     ulp = torch.finfo(torch.bfloat16 if args.bf16 else torch.float32).eps
-    logit_err = {k: (first_logits[k].double() - truth).abs().max().item() for k in models}
+    # The logits of this rank's shard; with --sync the largest error over the ranks, so that
+    # every rank reaches the same verdict.
+    logit_err = torch.tensor([(first_logits[k].double() - first_logits["truth"]).abs().max().item()
+                              for k in models], dtype=torch.float64, device=args.device)
+    if args.sync:
+        dist.all_reduce(logit_err, op=dist.ReduceOp.MAX)
+    logit_err = dict(zip(models, logit_err.tolist(), strict=True))
     loss_err = {k: abs(curves[k][0] - truth_loss) for k in models}
-    ok_first = within_rule("logits", logit_err, ulp, max(1.0, truth.abs().max().item()))
-    ok_first &= within_rule("loss", loss_err, ulp, max(1.0, abs(truth_loss)))
+    ok_first = within_rule("logits", logit_err, ulp, max(1.0, truth_all.abs().max().item()), say)
+    ok_first &= within_rule("loss", loss_err, ulp, max(1.0, abs(truth_loss)), say)
 
     window = min(args.window, args.steps)
     avg = {k: moving_average(v, window) for k, v in curves.items()}
     curve = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(avg["fused"], avg["eager"], strict=True))
     ok_curve = curve <= args.curve_rtol
-    print(f"moving averages over {window} steps: max relative difference {curve:.3f} "
-          f"(tolerance {args.curve_rtol:g}) {'ok' if ok_curve else 'FAIL'}")
-    print(f"average loss of the last {window} steps: eager {avg['eager'][-1]:.4f}, converted "
-          f"{avg['fused'][-1]:.4f} (first step {curves['eager'][0]:.4f}, float64 {truth_loss:.4f})")
+    say(f"moving averages over {window} steps: max relative difference {curve:.3f} "
+        f"(tolerance {args.curve_rtol:g}) {'ok' if ok_curve else 'FAIL'}")
+    say(f"average loss of the last {window} steps: eager {avg['eager'][-1]:.4f}, converted "
+        f"{avg['fused'][-1]:.4f} (first step {curves['eager'][0]:.4f}, float64 {truth_loss:.4f})")
+    if args.sync:
+        dist.destroy_process_group()
     return 0 if ok_first and ok_curve else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,19 @@ the activation an nn.ReLU, no hooks in the way) by swapping the norm's class to 
 subclass, and swaps the block's class to a subclass whose forward is `fused_block_forward`:
 the same computation, in which a fused norm also applies the ReLU (and, at the tail, the
 add). What runs fused is read from the norms' classes, so a part left unfused (an SE
-module or a DropPath before the add, a SiLU) runs exactly as before.
+module or a DropPath before the add, a SiLU) runs exactly as before. The block also records
+which norms convert() fused: one since replaced by a plain norm of a kind convert() fuses
+(`nn.SyncBatchNorm.convert_sync_batchnorm` after convert() builds new nn.SyncBatchNorm
+modules) still runs fused. A stem keeps its container's forward; its ReLU becomes a
+`FoldedReLU`, which applies the ReLU itself if its norm loses its fused class.
 
 A fused tail whose shortcut ends in a plain norm (torchvision's Sequential(conv, BatchNorm),
 timm's avg-pool variant) runs the shortcut's other modules and then one
 `dual_bn_add_relu`, which normalizes both branches, adds and applies the ReLU in one pass;
-the shortcut norm keeps its class and is read, never called.
+the shortcut norm keeps its class and is read, never called. Synchronized norms
+(nn.SyncBatchNorm) use `sync_dual_bn_add_relu` when both share a process group; when only
+one is synchronized, or their groups differ, the shortcut runs as modules and feeds the
+single fused tail.
 
 Fused block classes are made per original class (`fused_block_class`), so a converted block
 is still an instance of its class (a user's subclass too). They live in this module under an
@@ -30,10 +37,13 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _norms
+from .distributed.functional import sync_dual_bn_add_relu
 from .functional import dual_bn_add_relu
 from .modules import NormState, check_4d, norm_call_args
 
@@ -74,31 +84,69 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
 
 
 @torch.fx.wrap
-def fused_dual_forward(input: Tensor, input2: Tensor, state: NormState, state2: NormState,
-                       backend: str) -> Tensor:
-    """relu(norm(input) + norm2(input2)) in one fused op (torch.fx records one call)."""
+def fused_dual_forward(input: Tensor, input2: Tensor, state: NormState, state2: NormState, backend: str,
+                       synchronized: bool = False, process_group: dist.ProcessGroup | None = None) -> Tensor:
+    """relu(norm(input) + norm2(input2)) in one fused op (torch.fx records one call). With
+    `synchronized` (both norms synchronized over `process_group`, in the same mode) and in
+    training, both norms' statistics are synchronized (`sync_dual_bn_add_relu`); as
+    nn.SyncBatchNorm, eval mode never synchronizes."""
     check_4d(input)
     if input2.dtype != input.dtype:  # as the eager block's in-place add casts the shortcut
         input2 = input2.to(input.dtype)
     a, a2 = norm_call_args(state), norm_call_args(state2)
-    return dual_bn_add_relu(
-        input, a.running_mean, a.running_var, a.weight, a.bias,
-        input2, a2.running_mean, a2.running_var, a2.weight, a2.bias,
-        a.training, a.momentum, a.eps,
-        training2=a2.training, momentum2=a2.momentum, eps2=a2.eps, backend=backend,
-    )
+    args = (input, a.running_mean, a.running_var, a.weight, a.bias,
+            input2, a2.running_mean, a2.running_var, a2.weight, a2.bias, a.training, a.momentum, a.eps)
+    options = dict(training2=a2.training, momentum2=a2.momentum, eps2=a2.eps, backend=backend)
+    if synchronized and state.training:
+        return sync_dual_bn_add_relu(*args, **options, process_group=process_group)
+    return dual_bn_add_relu(*args, **options)
 
 
-def dual_shortcut_norm(shortcut: nn.Module | None) -> nn.Module | None:
-    """The shortcut's last module when the dual op can take it in: an nn.Sequential of two or
-    more modules ending in a plain norm of a kind convert() fuses, no hooks on either."""
+def dual_shortcut_norm(shortcut: nn.Module | None, norm: nn.Module) -> nn.Module | None:
+    """The shortcut's last module when the dual op can take it in with the tail's `norm`: an
+    nn.Sequential of two or more modules ending in a plain norm of a kind convert() fuses, no
+    hooks on either, and synchronized as `norm` is (`_norms.dual_compatible`)."""
     if type(shortcut) is not nn.Sequential or len(shortcut) < 2 or _norms.has_hooks(shortcut):
         return None
-    norm = shortcut[-1]
-    kind = _norms.kind_of(norm)
-    if kind is None or type(norm) is not kind.plain or _norms.has_hooks(norm):
+    norm2 = shortcut[-1]
+    kind = _norms.kind_of(norm2)
+    if kind is None or type(norm2) is not kind.plain or _norms.has_hooks(norm2):
         return None
-    return norm
+    return norm2 if _norms.dual_compatible(norm, norm2) else None
+
+
+class FoldedReLU(nn.Identity):
+    """What a stem's ReLU becomes when convert() folds it into the norm before it (the
+    container's attribute `norm`), whose fused forward applies it: the stem's own forward
+    still calls it, and it returns its input.
+
+    Should that norm lose its fused class (`nn.SyncBatchNorm.convert_sync_batchnorm` after
+    convert() puts a new, plain nn.SyncBatchNorm in its place), it applies the ReLU itself, so
+    the ReLU is never dropped; `convert` fuses such a pair again. The container is held as a
+    plain attribute, not a submodule (no state_dict entry, no cycle in `modules()`); deepcopy
+    and pickle point it at the copy's container."""
+
+    def __init__(self, container: nn.Module, norm: str) -> None:
+        super().__init__()
+        self.norm = norm
+        self.__dict__["_container"] = container  # bypasses nn.Module.__setattr__: not a child
+
+    def folds(self, container: nn.Module, norm: str) -> bool:
+        return self.__dict__.get("_container") is container and self.norm == norm
+
+    def forward(self, input: Tensor) -> Tensor:
+        if _norms.is_fused(getattr(self._container, self.norm)):
+            return input
+        return F.relu(input)
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm!r}"
+
+
+def folded_pair(norm: object, act: object) -> bool:
+    """Whether (norm, act) is a stem pair that convert() fused: act is a FoldedReLU (or, in a
+    model converted before FoldedReLU existed, an nn.Identity after a fused norm)."""
+    return isinstance(act, FoldedReLU) or (_norms.is_fused(norm) and type(act) is nn.Identity)
 
 
 def _run(block: nn.Module, names: tuple[str, ...], x: Tensor) -> Tensor:
@@ -109,18 +157,43 @@ def _run(block: nn.Module, names: tuple[str, ...], x: Tensor) -> Tensor:
     return x
 
 
+def _fused_backend(block: nn.Module, norm: nn.Module, name: str) -> str | None:
+    """The backend the block's norm `name` runs fused with; None: that part runs unfused, as
+    the original block. A fused norm: its own backend. A plain norm of a kind convert() fuses,
+    without hooks, where convert() fused one (nn.SyncBatchNorm.convert_sync_batchnorm after
+    convert() puts new plain nn.SyncBatchNorm modules there, sharing the Parameters and
+    buffers): the backend convert() used, so the block stays fused."""
+    if _norms.is_fused(norm):
+        return norm.backend
+    recorded = block._fused_norms
+    if not recorded or name not in recorded or _norms.kind_of(norm) is None or _norms.has_hooks(norm):
+        return None
+    return recorded[name]
+
+
+def _norm_add_relu(norm: nn.Module, input: Tensor, residual: Tensor | None, backend: str) -> Tensor:
+    """relu(norm(input) + residual), fused: a fused norm's own call (its hooks fire), or its
+    kind's fused op run on a plain norm's state (see `_fused_backend`)."""
+    if _norms.is_fused(norm):
+        return norm(input) if residual is None else norm(input, residual)
+    return _norms.kind_of(norm).fused.run(norm, input, residual, backend)
+
+
 def _run_tail(block: nn.Module, tail: Stage, out: Tensor, x: Tensor, shortcut_name: str) -> Tensor:
     norm, shortcut = getattr(block, tail.norm), getattr(block, shortcut_name)
-    if not _norms.is_fused(norm):
+    backend = _fused_backend(block, norm, tail.norm)
+    if backend is None:
         out = _run(block, tail.between, norm(out))
         out += x if shortcut is None else shortcut(x)
         return getattr(block, tail.act)(out)
-    norm2 = dual_shortcut_norm(shortcut)
+    norm2 = dual_shortcut_norm(shortcut, norm)
     if norm2 is None:
-        return norm(out, x if shortcut is None else shortcut(x))
+        return _norm_add_relu(norm, out, x if shortcut is None else shortcut(x), backend)
     for module in list(shortcut)[:-1]:
         x = module(x)
-    return fused_dual_forward(out, x, norm.norm_state(), _norms.norm_state(norm2), norm.backend)
+    kind = _norms.kind_of(norm)
+    return fused_dual_forward(out, x, kind.state(norm), _norms.norm_state(norm2), backend,
+                              kind.synchronized, norm.process_group if kind.synchronized else None)
 
 
 def fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -129,9 +202,12 @@ def fused_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = x
     for stage in layout.stages:
         norm = getattr(self, stage.norm)
-        out = norm(getattr(self, stage.conv)(out))
-        if not _norms.is_fused(norm):
-            out = getattr(self, stage.act)(_run(self, stage.between, out))
+        out = getattr(self, stage.conv)(out)
+        backend = _fused_backend(self, norm, stage.norm)
+        if backend is None:
+            out = getattr(self, stage.act)(_run(self, stage.between, norm(out)))
+        else:
+            out = _norm_add_relu(norm, out, None, backend)
         out = _run(self, stage.after, out)
     return _run_tail(self, layout.tail, getattr(self, layout.tail.conv)(out), x, layout.shortcut)
 
@@ -157,6 +233,7 @@ def fused_block_class(base: type, layout_name: str) -> type:
     return type(f"Fused{base.__name__}", (base,), {
         "forward": fused_block_forward,
         "_fused_layout": layout,
+        "_fused_norms": None,  # per block, set by convert(): {norm attribute: backend} it fused
         "__module__": __name__,
         "__qualname__": _encoded_name(base, layout),
         "__doc__": f"{base.__qualname__} with its BatchNorm + ReLU parts fused by fused_residual.convert "
@@ -231,7 +308,8 @@ class Part:
     label: str  # "bn1+relu", "bn3+downsample.1+add+relu", "bn3 → se → add"
     reason: str | None = None  # why it is left as it is; None: it fuses
     norms: tuple[nn.Module, ...] = ()  # made fused
-    identity: tuple[nn.Module, str] | None = None  # (container, attribute) that becomes nn.Identity
+    names: tuple[str, ...] = ()  # the block's attribute names of `norms` (a block's parts)
+    fold: tuple[nn.Module, str, str] | None = None  # a stem's (container, act, norm): act -> FoldedReLU
 
     @property
     def fuses(self) -> bool:
@@ -251,12 +329,14 @@ class BlockPlan:
         for part in fused:
             for norm in part.norms:
                 _norms.fuse(norm, backend)
-            if part.identity is not None:
-                container, attr = part.identity
-                if type(getattr(container, attr)) is not nn.Identity:
-                    setattr(container, attr, nn.Identity())
+            if part.fold is not None:
+                container, act, norm = part.fold
+                folded = getattr(container, act)
+                if not (isinstance(folded, FoldedReLU) and folded.folds(container, norm)):
+                    setattr(container, act, FoldedReLU(container, norm))
         if fused and self.fused_class is not None:
             self.block.__class__ = self.fused_class
+            self.block._fused_norms = {name: backend for part in fused for name in part.names}
 
 
 _DESCRIBE = {"se": "SE module", "drop_path": "DropPath (stochastic depth)", "drop_block": "DropBlock",
@@ -294,7 +374,7 @@ def _stage_part(block: nn.Module, stage: Stage, tail: bool) -> Part:
         names = [stage.norm, *(n for n in stage.between if not _absent(getattr(block, n, None)))]
         end = "add" if tail else stage.act
         return Part(" → ".join([*names, end]), reason)
-    return Part(f"{stage.norm}+{'add+' if tail else ''}{stage.act}", norms=(norm,))
+    return Part(f"{stage.norm}+{'add+' if tail else ''}{stage.act}", norms=(norm,), names=(stage.norm,))
 
 
 def plan_block(block: nn.Module, layout_name: str) -> BlockPlan:
@@ -304,7 +384,7 @@ def plan_block(block: nn.Module, layout_name: str) -> BlockPlan:
     tail = _stage_part(block, layout.tail, tail=True)
     if tail.fuses:
         shortcut = getattr(block, layout.shortcut, None)
-        if dual_shortcut_norm(shortcut) is not None:
+        if dual_shortcut_norm(shortcut, getattr(block, layout.tail.norm)) is not None:
             tail.label = tail.label.replace("+add", f"+{layout.shortcut}.{len(shortcut) - 1}+add")
     plan.parts.append(tail)
     return plan
@@ -312,32 +392,33 @@ def plan_block(block: nn.Module, layout_name: str) -> BlockPlan:
 
 def plan_pairs(container: nn.Module, pairs: list[tuple[str, str]], kind: str, prefix: str = "") -> BlockPlan:
     """A stem: each (norm, act) attribute pair of `container` that its forward runs in a row
-    fuses by making the norm fused and the act an nn.Identity (the container's forward is
-    kept). Already converted pairs (fused norm, Identity) plan as fused again. `prefix`
-    (the container's path from the block the report names) goes before the labels."""
+    fuses by making the norm fused and the act a `FoldedReLU` (the container's forward is
+    kept). Pairs convert() made (`folded_pair`) plan as fused again, so convert() fuses a norm
+    that lost its fused class again. `prefix` (the container's path from the block the report
+    names) goes before the labels."""
     plan = BlockPlan(kind)
     for norm_name, act_name in pairs:
         norm, act = getattr(container, norm_name), getattr(container, act_name)
-        if _norms.is_fused(norm) and type(act) is nn.Identity:
+        if folded_pair(norm, act):
             reason = _norms.why_not_fusable(norm, norm_name)
         else:
             reason = pair_reason(norm, norm_name, act, act_name)
         n, a = prefix + norm_name, prefix + act_name
         label = f"{n}+{a}" if reason is None else f"{n} → {a}"
-        plan.parts.append(Part(label, reason, norms=(norm,), identity=(container, act_name)))
+        plan.parts.append(Part(label, reason, norms=(norm,), fold=(container, act_name, norm_name)))
     return plan
 
 
 def sequence_pairs(container: nn.Module, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """Consecutive (norm, ReLU) children of a container whose forward runs its children in
-    order (nn.Sequential, torchvision's IntermediateLayerGetter); also already converted ones
-    (fused norm, Identity). Norms named in `skip` (outputs the container returns) stay."""
+    order (nn.Sequential, torchvision's IntermediateLayerGetter); also the pairs convert()
+    made (`folded_pair`). Norms named in `skip` (outputs the container returns) stay."""
     names = list(container._modules)
     pairs = []
     for a, b in itertools.pairwise(names):
         norm, act = container._modules[a], container._modules[b]
         if a in skip or _norms.kind_of(norm) is None:
             continue
-        if type(act) is nn.ReLU or (_norms.is_fused(norm) and type(act) is nn.Identity):
+        if type(act) is nn.ReLU or folded_pair(norm, act):
             pairs.append((a, b))
     return pairs

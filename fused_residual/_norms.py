@@ -1,11 +1,12 @@
 """The norm layers `convert` fuses, one `NormKind` each, listed in `norm_kinds()`: the one
-place a new kind (SyncBatchNorm, say) is added.
+place a new kind is added.
 
-A kind pairs the class models are built with (`plain`: nn.BatchNorm2d, torchvision's
-FrozenBatchNorm2d) with its fused subclass (`fused`: a `modules.FusedNorm` that only adds
-`forward(input, residual=None)`), and says how to read a module of either class into a
+A kind pairs the class models are built with (`plain`: nn.BatchNorm2d, nn.SyncBatchNorm,
+torchvision's FrozenBatchNorm2d) with its fused subclass (`fused`: a `modules.FusedNorm` that
+only adds `forward(input, residual=None)`), and says how to read a module of either class into a
 `NormState` (what a downsampling block's dual op reads from its shortcut norm, which keeps
-its plain class). Only exact classes match: a subclass may have its own forward.
+its plain class) and whether its statistics are synchronized across processes (over the
+module's `process_group`). Only exact classes match: a subclass may have its own forward.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .distributed.modules import SyncBatchNormAddReLU2d
 from .modules import BatchNormAddReLU2d, FusedNorm, NormState, batch_norm_state
 
 
@@ -23,6 +25,7 @@ class NormKind:
     plain: type[nn.Module]
     fused: type[nn.Module]
     state: Callable[[nn.Module], NormState]
+    synchronized: bool = False  # batch statistics over the module's process_group
 
 
 _KINDS: list[NormKind] = []
@@ -32,7 +35,8 @@ def norm_kinds() -> tuple[NormKind, ...]:
     """Every kind, built on first use (a plain list, not functools.cache: the fused forward
     reads it and torch.compile traces it)."""
     if not _KINDS:
-        kinds = [NormKind(nn.BatchNorm2d, BatchNormAddReLU2d, batch_norm_state)]
+        kinds = [NormKind(nn.BatchNorm2d, BatchNormAddReLU2d, batch_norm_state),
+                 NormKind(nn.SyncBatchNorm, SyncBatchNormAddReLU2d, batch_norm_state, synchronized=True)]
         try:
             from ._torchvision import FROZEN_BATCH_NORM
         except ImportError:  # no torchvision: no FrozenBatchNorm2d either
@@ -85,3 +89,14 @@ def fuse(module: nn.Module, backend: str) -> None:
     assert kind is not None, type(module)
     module.__class__ = kind.fused
     module.backend = backend
+
+
+def dual_compatible(norm: nn.Module, norm2: nn.Module) -> bool:
+    """Whether one dual op can normalize with both norms (each of a known kind): neither is
+    synchronized, or both are, over the same `process_group` object (or both None, the WORLD
+    group) and in the same train/eval mode; otherwise the shortcut's norm runs as a module."""
+    kind, kind2 = kind_of(norm), kind_of(norm2)
+    if not (kind.synchronized or kind2.synchronized):
+        return True
+    return (kind.synchronized and kind2.synchronized and norm.process_group is norm2.process_group
+            and norm.training == norm2.training)

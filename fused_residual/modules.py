@@ -78,17 +78,21 @@ def check_4d(input: Tensor) -> None:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-@torch.fx.wrap
-def fused_norm_forward(input: Tensor, residual: Tensor | None, state: NormState, backend: str) -> Tensor:
-    """relu(norm(input) + residual) for a norm in `state` (residual None: norm + ReLU). The
-    residual is cast to the input's dtype, as an in-place `out += identity` does under
-    autocast."""
+def fused_call_args(input: Tensor, residual: Tensor | None, state: NormState) -> tuple:
+    """The positional arguments of `bn_add_relu` for a norm module's fused forward: the 4-D
+    check, the residual cast to the input's dtype (as an in-place `out += identity` does under
+    autocast) and `norm_call_args` (with its `num_batches_tracked` update)."""
     check_4d(input)
     if residual is not None and residual.dtype != input.dtype:
         residual = residual.to(input.dtype)
     a = norm_call_args(state)
-    return bn_add_relu(input, residual, a.running_mean, a.running_var, a.weight, a.bias, a.training,
-                       a.momentum, a.eps, backend=backend)
+    return (input, residual, a.running_mean, a.running_var, a.weight, a.bias, a.training, a.momentum, a.eps)
+
+
+@torch.fx.wrap
+def fused_norm_forward(input: Tensor, residual: Tensor | None, state: NormState, backend: str) -> Tensor:
+    """relu(norm(input) + residual) for a norm in `state` (residual None: norm + ReLU)."""
+    return bn_add_relu(*fused_call_args(input, residual, state), backend=backend)
 
 
 class FusedNorm:
@@ -101,8 +105,14 @@ class FusedNorm:
     def norm_state(self) -> NormState:
         raise NotImplementedError
 
+    @classmethod
+    def run(cls, module: nn.Module, input: Tensor, residual: Tensor | None, backend: str) -> Tensor:
+        """The fused forward of `module`: an instance of this class, or of the plain class it
+        fuses (what a fused block runs for a norm that lost its fused class, see `_blocks`)."""
+        return fused_norm_forward(input, residual, cls.norm_state(module), backend)
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return fused_norm_forward(input, residual, self.norm_state(), self.backend)
+        return self.run(self, input, residual, self.backend)
 
 
 class BatchNormAddReLU2d(FusedNorm, nn.BatchNorm2d):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import assert_within_rule
 from sync_cases import CollectiveCounter, Run, compare_with_whole_batch, problem, rows_of, run, single_fn
 from sync_checks import FUSED_CALLS, Ctx, check, sync_dual, sync_single
+from sync_convert_checks import converted_sync_block
 
 import fused_residual
 from fused_residual.modules import batch_norm_state, norm_call_args
@@ -215,7 +216,8 @@ def compile_training_step(ctx: Ctx):
     """torch.compile(fullgraph=True) traces forward and backward through both synchronized
     Functions with no graph break: the graphs hold the functional collectives (one all_gather
     per tail forward, one all_reduce per tail backward) and the fused ops, and two training
-    steps match eager."""
+    steps match eager. The same for a torchvision block converted and synchronized (a fused
+    bn1 + ReLU and a synchronized dual tail), where torchvision is installed."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -226,31 +228,36 @@ def compile_training_step(ctx: Ctx):
         return make_boxed_func(gm.forward)
 
     torch.manual_seed(0)
-    eager = SyncNet(ctx.backend).to(ctx.device)
-    compiled_net = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=False,
-                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    g = torch.Generator().manual_seed(ctx.rank)
-    for _ in range(2):
-        x = torch.randn(2 + ctx.rank, C, 5, 5, generator=g).to(ctx.device)
-        grad = torch.randn(x.shape, generator=g).to(ctx.device)
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_e, out_c = eager(xe), compiled(xc)
-        out_e.backward(grad)
-        out_c.backward(grad)
-        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
-        for (name, pe), pc in zip(eager.named_parameters(), compiled_net.parameters(), strict=True):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
-            pe.grad = pc.grad = None
-        for (name, be), bc in zip(eager.named_buffers(), compiled_net.buffers(), strict=True):
-            torch.testing.assert_close(bc, be, rtol=1e-6, atol=1e-7, msg=name)
-    assert len(graphs) == 2, f"{len(graphs)} graphs: a graph break or a recompilation"
-    forward, backward = graphs
-    assert forward.count("_c10d_functional.all_gather_into_tensor") == 2, forward
-    assert backward.count("_c10d_functional.all_reduce") == 2, backward
-    assert "fused_residual.bn_apply" in forward or "triton_bn_apply" in forward, forward
-    assert "bn_backward_apply" in backward and "batch_norm" not in forward + backward
+    models = [SyncNet(ctx.backend)]
+    if converted_sync_block is not None:
+        models.append(converted_sync_block(ctx.backend))
+    for eager in models:
+        eager.to(ctx.device)
+        compiled_net = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_net, fullgraph=True, dynamic=False,
+                                 backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        g = torch.Generator().manual_seed(ctx.rank)
+        graphs.clear()
+        for _ in range(2):
+            x = torch.randn(2 + ctx.rank, C, 5, 5, generator=g).to(ctx.device)
+            xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out_e, out_c = eager(xe), compiled(xc)
+            grad = torch.randn(out_e.shape, generator=g).to(ctx.device)
+            out_e.backward(grad)
+            out_c.backward(grad)
+            torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+            for (name, pe), pc in zip(eager.named_parameters(), compiled_net.parameters(), strict=True):
+                torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
+                pe.grad = pc.grad = None
+            for (name, be), bc in zip(eager.named_buffers(), compiled_net.buffers(), strict=True):
+                torch.testing.assert_close(bc, be, rtol=1e-6, atol=1e-7, msg=name)
+        assert len(graphs) == 2, f"{len(graphs)} graphs: a graph break or a recompilation"
+        forward, backward = graphs
+        assert forward.count("_c10d_functional.all_gather_into_tensor") == 2, forward
+        assert backward.count("_c10d_functional.all_reduce") == 2, backward
+        assert "bn_apply" in forward and "bn_dual_apply" in forward, forward
+        assert "bn_backward_apply" in backward and "batch_norm" not in forward + backward
 
 
 @check(3)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-import sync_module_checks  # noqa: F401  (registers its checks)
+import sync_convert_checks  # noqa: F401  (registers its checks)
+import sync_module_checks  # noqa: F401  (likewise)
 from sync_checks import CHECKS, Ctx, checks_for
 
 from fused_residual.backends import resolve_backend

@@ -102,6 +102,44 @@ def test_empty_rank_does_not_deadlock(tmp_path, world):
     assert_check_passed(job, "empty_rank_steps", world)
 
 
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_resnet.py")
+
+
+@needs_gloo
+def test_example_sync_under_torchrun():
+    """examples/train_resnet.py --sync under torchrun, 2 CPU processes over gloo, a few steps at
+    tiny sizes: it runs, rank 0 alone prints, and the example's own checks pass (exit 0): the
+    first step of both synchronized models against the original model on the whole batch in
+    float64, and the loss curves."""
+    pytest.importorskip("torchvision")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", EXAMPLE,
+           "--sync", "--steps", "3", "--warmup", "1", "--batch-size", "4", "--image-size", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "2 ranks (gloo), synchronized BatchNorm under DDP" in out
+    assert out.count("first step logits: error against float64") == 1
+    assert "first step loss: error against float64" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({}, ["--sync"], "--sync runs under torchrun"),
+    ({"WORLD_SIZE": "3", "LOCAL_RANK": "0"}, ["--sync", "--batch-size", "4"],
+     "--batch-size (4) must be a multiple of the number of ranks (3)"),
+])
+def test_example_sync_arguments(monkeypatch, capsys, env, args, message):
+    pytest.importorskip("torchvision")
+    from test_example import load_example
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        load_example().parse_args(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_without_process_group_is_the_single_device_op():
     """No initialized process group: the module and the functionals are exactly
     BatchNormAddReLU2d / bn_add_relu / dual_bn_add_relu (bitwise), with no collective."""

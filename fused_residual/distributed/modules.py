@@ -10,11 +10,25 @@ from torch import Tensor
 
 from ..backends import check_backend_name
 from ..functional import bn_add_relu
-from ..modules import BatchNormAddReLU2d, batch_norm_state, norm_call_args
+from ..modules import BatchNormAddReLU2d, FusedNorm, NormState, batch_norm_state, fused_call_args
 from .functional import sync_bn_add_relu
 
 
-class SyncBatchNormAddReLU2d(nn.SyncBatchNorm):
+@torch.fx.wrap
+def fused_sync_norm_forward(input: Tensor, residual: Tensor | None, state: NormState, backend: str,
+                            process_group: dist.ProcessGroup | None) -> Tensor:
+    """relu(sync_batch_norm(input) + residual) for a synchronized norm in `state`: synchronized
+    over `process_group` in training (nn.SyncBatchNorm's rule: eval mode never synchronizes),
+    else the single-device fused op. torch.fx records it as one call."""
+    if input.dim() >= 2 and input.size(1) == 0:  # nn.SyncBatchNorm's own check and message
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    args = fused_call_args(input, residual, state)
+    if state.training:
+        return sync_bn_add_relu(*args, process_group=process_group, backend=backend)
+    return bn_add_relu(*args, backend=backend)
+
+
+class SyncBatchNormAddReLU2d(FusedNorm, nn.SyncBatchNorm):
     """`relu(SyncBatchNorm(input) + residual)`, fused; `residual=None` gives SyncBatchNorm + ReLU.
 
     A subclass of `nn.SyncBatchNorm` with the same parameters, buffers, state_dict keys and
@@ -25,7 +39,8 @@ class SyncBatchNormAddReLU2d(nn.SyncBatchNorm):
     a group of one rank, it runs exactly the single-device fused op (`bn_add_relu`, as
     `BatchNormAddReLU2d`) with no collective. Unlike nn.SyncBatchNorm it synchronizes CPU
     tensors too (gloo). Input must be 4-D (N, C, H, W); the residual is cast to the input's
-    dtype, as an in-place `out += identity` does under autocast.
+    dtype, as an in-place `out += identity` does under autocast. `fused_residual.convert`
+    makes the nn.SyncBatchNorm layers of the blocks and stems it fuses into this class.
     """
 
     def __init__(
@@ -46,24 +61,16 @@ class SyncBatchNormAddReLU2d(nn.SyncBatchNorm):
         check_backend_name(backend)
         self.backend = backend
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        args = norm_call_args(batch_norm_state(self))
-        if residual is not None and residual.dtype != input.dtype:
-            residual = residual.to(input.dtype)
-        call = (input, residual, args.running_mean, args.running_var, args.weight, args.bias,
-                args.training, args.momentum, args.eps)
-        if self.training:  # as nn.SyncBatchNorm: eval mode never synchronizes
-            return sync_bn_add_relu(*call, process_group=self.process_group, backend=self.backend)
-        return bn_add_relu(*call, backend=self.backend)
+    def norm_state(self) -> NormState:
+        return batch_norm_state(self)
+
+    @classmethod
+    def run(cls, module: nn.Module, input: Tensor, residual: Tensor | None, backend: str) -> Tensor:
+        return fused_sync_norm_forward(input, residual, cls.norm_state(module), backend,
+                                       module.process_group)
 
 
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -79,7 +86,14 @@ def convert_sync_batchnorm(model: nn.Module, process_group: dist.ProcessGroup | 
     new `process_group`. Like `fused_residual.convert`, only `__class__` is swapped (and
     `process_group` set): Parameters, buffers, hooks, requires_grad flags, train/eval mode and
     state_dict keys stay the same objects, so checkpoints load both ways. Subclasses with their
-    own forward are left alone. Raises TypeError for a non-Module.
+    own forward are left alone, and so are FrozenBatchNorm2d and its fused twin (frozen: there is
+    nothing to synchronize), as torch's convert_sync_batchnorm leaves FrozenBatchNorm2d.
+
+    On a model made by `fused_residual.convert` (torchvision, timm, FrozenBatchNorm2d detection
+    bodies) this gives the fused, synchronized model: the fused parts synchronize, a
+    downsampling block's dual tail synchronizes both its BatchNorms in one collective each way
+    (both now share `process_group`), and the parts convert() left run as nn.SyncBatchNorm.
+    Calling it before `convert` gives the same model. Raises TypeError for a non-Module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_sync_batchnorm() expects an nn.Module, got {type(model).__name__}")
