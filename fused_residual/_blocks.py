@@ -186,7 +186,8 @@ def _run_tail(block: nn.Module, tail: Stage, out: Tensor, x: Tensor, shortcut_na
         out = _run(block, tail.between, norm(out))
         out += x if shortcut is None else shortcut(x)
         return getattr(block, tail.act)(out)
-    norm2 = dual_shortcut_norm(shortcut, norm)
+    # A hook on the tail's norm (registered after convert) must fire: the dual op calls no norm.
+    norm2 = None if _norms.has_hooks(norm) else dual_shortcut_norm(shortcut, norm)
     if norm2 is None:
         return _norm_add_relu(norm, out, x if shortcut is None else shortcut(x), backend)
     for module in list(shortcut)[:-1]:

@@ -3,6 +3,7 @@ about convert() (hooks, other norm layers) and the quick start hold."""
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from pathlib import Path
@@ -59,26 +60,46 @@ def _resnet18_with_hooks(names: list[str]) -> tuple[torch.nn.Module, dict[str, t
 
 
 def test_readme_hook_claims():
-    """The README's "Hooks after convert()" paragraph, claim by claim."""
-    names = ["relu", "layer1.0.relu", "bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn2",
-             "layer1.0", "layer1.0.conv1"]
-    model, seen = _resnet18_with_hooks(names)
+    """The README's "Hooks" paragraph, claim by claim."""
+    # Hooks registered before convert(): those pairs and that shortcut stay unfused, every hook
+    # fires on the value it saw in the unconverted model.
+    names = ["relu", "bn1", "layer1.0.relu", "layer2.0.downsample.1", "layer3.0.bn1"]
+    original, expected = _resnet18_with_hooks(names)
+    model = copy.deepcopy(original)
+    seen: dict[str, torch.Tensor] = {}
+    for name in names:
+        model.get_submodule(name)._forward_hooks.clear()
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.__setitem__(name, out.detach()))
     old_relu = model.relu
+    report = str(fused_residual.convert_report(model))
+    assert "bn1 has module hooks" in report and "relu has module hooks" in report, report
     fused_residual.convert(model)
-    assert isinstance(model.relu, torch.nn.Identity) and model.relu is not old_relu
+    assert model.relu is old_relu and type(model.bn1) is torch.nn.BatchNorm2d
+    assert type(model.layer2[0].downsample[1]) is torch.nn.BatchNorm2d
+    assert type(model.layer3[0].bn1) is torch.nn.BatchNorm2d
+    assert isinstance(model.layer3[0].bn2, fused_residual.BatchNormAddReLU2d)  # the rest fuses
+    x = torch.randn(2, 3, 32, 32)
+    original.eval(), model.eval()
+    original(x), model(x)
+    assert seen.keys() == expected.keys() == set(names)
+    for name in names:
+        torch.testing.assert_close(seen[name], expected[name], msg=name)
+
+    # Hooks registered after convert(): a fused norm's hook sees its fused output.
+    model, seen = _resnet18_with_hooks([])
+    fused_residual.convert(model)
+    for name in ["relu", "bn1", "layer1.0.relu", "layer1.0.bn1", "layer1.0.bn2", "layer1.0",
+                 "layer2.0.bn2", "layer2.0", "layer1.0.conv1"]:
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.__setitem__(name, out.detach()))
     model(torch.randn(2, 3, 32, 32))
-    assert "relu" not in seen and "layer1.0.relu" not in seen  # gone / not called
+    assert "layer1.0.relu" not in seen  # a fused block does not call its relu
+    torch.testing.assert_close(seen["relu"], seen["bn1"])  # FoldedReLU returns its input
     assert seen["bn1"].min() >= 0 and seen["layer1.0.bn1"].min() >= 0  # post-ReLU
     torch.testing.assert_close(seen["layer1.0.bn2"], seen["layer1.0"])  # the block's output
-    assert "layer2.0.bn2" not in seen  # a fused downsampling block does not call it
+    torch.testing.assert_close(seen["layer2.0.bn2"], seen["layer2.0"])  # hooked: shortcut as modules
     assert "layer1.0.conv1" in seen
-
-    # A hook on the shortcut's BatchNorm: that block runs the shortcut and bn2 as modules.
-    model, seen = _resnet18_with_hooks(["layer2.0.bn2", "layer2.0.downsample.1", "layer2.0"])
-    fused_residual.convert(model)
-    model(torch.randn(2, 3, 32, 32))
-    assert "layer2.0.downsample.1" in seen
-    torch.testing.assert_close(seen["layer2.0.bn2"], seen["layer2.0"])
 
 
 def test_readme_norm_claims():
