@@ -630,7 +630,7 @@ def test_deterministic(tiny_tiles, layout):
 
 
 def test_fast_division_is_exact():
-    """The float-reciprocal quotient of `_common._div_small` (fp32 arithmetic, as on the GPU)
+    """The float-reciprocal quotient of `_jit._div_small` (fp32 arithmetic, as on the GPU)
     equals integer division for every v below the bound the host enforces."""
     import numpy as np
 

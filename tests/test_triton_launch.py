@@ -54,11 +54,11 @@ def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch, shap
     device current around each launch (the C++ ops' CUDAGuard), or a tensor on cuda:1 would
     be read by a kernel launched on cuda:0. A recording stand-in for `torch.cuda` checks
     that each kernel launch happens inside a guard entered for the input's device."""
-    from fused_residual.triton import _common
+    from fused_residual.triton import _launch
 
     events = []
-    monkeypatch.setitem(_common.GUARDED_DEVICE_TYPES, "cpu", _RecordingGuard(events))
-    real_getitem = _common._InterpretedLaunch.__getitem__
+    monkeypatch.setitem(_launch.GUARDED_DEVICE_TYPES, "cpu", _RecordingGuard(events))
+    real_getitem = _launch._InterpretedLaunch.__getitem__
 
     def recording_getitem(self, grid):
         launch = real_getitem(self, grid)
@@ -69,7 +69,7 @@ def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch, shap
 
         return run
 
-    monkeypatch.setattr(_common._InterpretedLaunch, "__getitem__", recording_getitem)
+    monkeypatch.setattr(_launch._InterpretedLaunch, "__getitem__", recording_getitem)
     x = make(shape, torch.float32)
     _all_ops_once(x)
     launches = [e for e in events if e[0] == "launch"]
@@ -89,12 +89,12 @@ def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch, shap
 
 
 def test_cuda_tensors_are_guarded_with_torch_cuda_device():
-    from fused_residual.triton import _common
+    from fused_residual.triton import _launch
 
-    assert _common.GUARDED_DEVICE_TYPES["cuda"] is torch.cuda
-    guard = _common.device_guard(torch.device("cuda", 1))
+    assert _launch.GUARDED_DEVICE_TYPES["cuda"] is torch.cuda
+    guard = _launch.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert _common.device_guard(torch.device("cpu")).__class__.__name__ == "nullcontext"
+    assert _launch.device_guard(torch.device("cpu")).__class__.__name__ == "nullcontext"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -1,6 +1,6 @@
 // CUDA kernels of bn_apply and bn_dual_apply (docs/op_layer.md): the fused normalize + affine
 // + residual add (or + a second normalized input) + ReLU forward, with the packed 1-bit mask.
-#include "common.cuh"
+#include "elementwise.cuh"
 
 namespace fused_residual {
 namespace cuda {

@@ -6,7 +6,8 @@
 //           sums in a (C, S) workspace, then a fixed-order merge; no atomics, no host sync);
 //   apply:  grad_residual = dy, grad_input = w invstd (dy - sum_dy/count - (x - mean) invstd^2
 //           sum_dy_xmu/count) in training, or dy w invstd in eval.
-#include "common.cuh"
+#include "elementwise.cuh"
+#include "reduce.cuh"
 
 namespace fused_residual {
 namespace cuda {

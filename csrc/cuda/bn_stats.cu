@@ -12,7 +12,7 @@
 // within a few standard deviations of 0, so a channel with a mean offset of 1e4 and a spread of
 // 1 keeps the full fp32 precision of its variance (unshifted, the running mean's rounding,
 // ~1e-3 at 1e4, would leak into every delta).
-#include "common.cuh"
+#include "reduce.cuh"
 
 namespace fused_residual {
 namespace cuda {

@@ -10,10 +10,11 @@ the extension's ops (csrc/ops.cpp):
     torch.ops.fused_residual.triton_bn_backward_apply
     torch.ops.fused_residual.triton_bn_dual_apply
 
-Kernels live in `stats.py`, `apply.py` (bn_apply and bn_dual_apply) and `backward.py`; shared geometry, launch
-heuristics and jit helpers in `_common.py`. When Triton cannot be imported nothing is
-registered and `TRITON_AVAILABLE` is False. With `TRITON_INTERPRET=1` set before Triton is
-imported, the kernels run in Triton's interpreter on CPU tensors (slow; for tests).
+Kernels live in `stats.py`, `apply.py` (bn_apply and bn_dual_apply) and `backward.py`;
+shared geometry and launch heuristics in `_common.py`, jit helpers in `_jit.py`, registration
+and launching in `_launch.py`. When Triton cannot be imported nothing is registered and
+`TRITON_AVAILABLE` is False. With `TRITON_INTERPRET=1` set before Triton is imported, the
+kernels run in Triton's interpreter on CPU tensors (slow; for tests).
 """
 
 from __future__ import annotations

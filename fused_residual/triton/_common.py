@@ -1,5 +1,7 @@
-"""Shared pieces of the Triton backend: argument checks, the working-layout geometry, the
-launch heuristics (a small tuned table) and the `@triton.jit` helpers every kernel uses.
+"""Shared host-side pieces of the Triton backend: the working-layout geometry, the launch
+heuristics (a small tuned table) and each kernel's launch plan. The `@triton.jit` helpers
+every kernel uses are in `_jit.py`; registration, launching and the device guard in
+`_launch.py`.
 
 Geometry. Kernels never see strides: an input is first brought into its working layout
 (`reference.working_layout`, a no-op on the hot path) and then addressed as a dense array in
@@ -19,103 +21,21 @@ per-channel coefficients are gathered from a small table a prologue kernel write
 Reduction kernels (bn_stats, bn_backward_reduce) give each program one channel (NCHW) or
 one block of channels (NHWC) and a fixed range of tiles; per-program partials are merged
 by a second small kernel in a fixed order, so the results are bitwise reproducible for a
-given shape and device. Every launcher runs its kernels under `device_guard` (the tensors'
-device made current, as the C++ ops' CUDAGuard does).
+given shape and device. Every launcher runs its kernels under `_launch.device_guard` (the
+tensors' device made current, as the C++ ops' CUDAGuard does).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
 import struct
-from collections.abc import Callable
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from ..reference import acc_dtype, working_layout
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when these modules load.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class _InterpretedLaunch:
-    """`kernel[grid](...)` that skips the launch on fake or meta tensors (shape propagation,
-    FakeTensor tracing): the interpreter would try to read their data."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            from torch._subclasses.fake_tensor import is_fake
-
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-            if any(t.device.type == "meta" or is_fake(t) for t in tensors):
-                return None
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def wrap_triton(kernel):
-    """`torch.library.wrap_triton`, except under the interpreter, where the kernel is
-    launched directly (older torch versions reject interpreted kernels in wrap_triton).
-    Named like torch's function so that torch's kernel discovery for `triton_op`s
-    (`torch._library.triton.get_inner_triton_kernels`) still finds the kernels."""
-    if INTERPRETED:
-        return _InterpretedLaunch(kernel)
-    return torch.library.wrap_triton(kernel)
-
-
-def triton_op(name: str, *, mutates_args: tuple[str, ...], schema: str) -> Callable[[Callable], object]:
-    """`torch.library.triton_op` registered with exactly `schema`, on every supported torch.
-
-    torch 2.11's `triton_op` accepts `schema=` but registers the schema inferred from the
-    function's annotations instead (`torch._library.triton`: `schema=infer_schema(fn, ...)`),
-    which loses the return names and turns `int` into `SymInt`, so the Triton ops would not
-    have the extension's schemas (csrc/ops.cpp). Later versions pass `schema` through. For the
-    registration only, the inference that module calls answers `schema` for this function;
-    on a torch that honours `schema=` it is never called."""
-
-    def register(fn: Callable) -> object:
-        import torch._library.triton as triton_library
-
-        inferred = getattr(triton_library, "infer_schema", None)
-
-        def infer_schema(f: Callable, *args: object, **kwargs: object) -> str:
-            return schema if f is fn else inferred(f, *args, **kwargs)
-
-        if inferred is not None:
-            triton_library.infer_schema = infer_schema
-        try:
-            return torch.library.triton_op(name, mutates_args=mutates_args, schema=schema)(fn)
-        finally:
-            if inferred is not None:
-                triton_library.infer_schema = inferred
-
-    return register
-
-
-# Device modules whose `device(d)` context makes `d` the current device, so that a Triton
-# launch (which targets the current device and its current stream) runs on the tensors'
-# device. A dict rather than a branch so that tests can stand in a mock for "cpu".
-GUARDED_DEVICE_TYPES = {"cuda": torch.cuda}
-
-
-def device_guard(device: torch.device):
-    """The context every launcher runs its kernels in: the current device is `device` (as
-    the C++ ops' CUDAGuard), so a tensor on cuda:1 is never touched by a launch on cuda:0's
-    stream. A no-op for device types without a guard (the interpreter's CPU tensors)."""
-    module = GUARDED_DEVICE_TYPES.get(device.type)
-    if module is None:
-        return contextlib.nullcontext()
-    return module.device(device)
-
 
 # The launch plan of each kernel, by name: "elementwise" (a program per tile, occupancy from
 # `Tuning.elementwise_programs_per_sm`), "reduce" (a grid sized for `Tuning.programs_per_sm`
@@ -377,125 +297,3 @@ def merge_blocks(c: int, splits: int) -> tuple[int, int]:
     block_c = min(TUNING.merge_block_c, triton.next_power_of_2(c))
     block_s = min(triton.next_power_of_2(splits), max(1, TUNING.merge_tile // block_c))
     return block_s, block_c
-
-
-# --------------------------------------------------------------------------------------
-# @triton.jit helpers
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def join_f64(hi, lo, IS_F64: tl.constexpr):
-    """A host float passed as an fp32 (hi, lo) pair, in the accumulation dtype."""
-    if IS_F64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        return tl.cast(hi, tl.float32)
-
-
-@triton.jit
-def join3_f64(hi, mid, lo, IS_F64: tl.constexpr):
-    """A host float passed as three fp32 parts (`split_f64(v, 3)`), exact in float64."""
-    if IS_F64:
-        return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
-    else:
-        return tl.cast(hi, tl.float32)
-
-
-@triton.jit
-def rstd(var, eps):
-    """1 / sqrt(var + eps). Compiled, fp32 uses the GPU's approximate sqrt and division
-    (each within 2 ulp); fp64 is correctly rounded."""
-    return 1.0 / tl.sqrt(var + eps)
-
-
-@triton.jit
-def nchw_tile(t, tiles_hw, rn, rhw, N, C, HW, chan, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Offsets and validity of reduction tile `t` of one NCHW channel (element offset `chan`
-    of image 0): tiles are BLOCK_N images x BLOCK_HW positions, `tiles_hw` per row of H*W."""
-    tn = t // tiles_hw
-    n = tl.cast(tn, tl.int64) * BLOCK_N + rn
-    hw = (t - tn * tiles_hw) * BLOCK_HW + rhw
-    return n * C * HW + chan + hw, (n < N) & (hw < HW)
-
-
-@triton.jit
-def nhwc_tile(t, rm, ch, cmask, M, C, BLOCK_M: tl.constexpr):
-    """Offsets and validity of reduction tile `t` of the (N*HW, C) matrix: BLOCK_M rows of
-    the channels `ch`."""
-    m = tl.cast(t, tl.int64) * BLOCK_M + rm
-    return m * C + ch[None, :], (m < M) & cmask[None, :]
-
-
-@triton.jit
-def partials_chunk(s0, rs, S, C, ch, cmask):
-    """Offsets and validity of the chunk of (S, C) partials at rows s0 + rs, channels ch."""
-    s = s0 + rs
-    return s.to(tl.int64) * C + ch[None, :], (s < S) & cmask[None, :]
-
-
-@triton.jit
-def to_acc(v, IS_F64: tl.constexpr):
-    """`v` in the accumulation dtype: fp32, or fp64 for fp64 input."""
-    if IS_F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def load_acc(ptr, offs, mask, IS_F64: tl.constexpr):
-    """A masked load converted to the accumulation dtype (fp32, or fp64 for fp64 input)."""
-    if IS_F64:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
-    else:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def store_rounded(ptr, offs, v, mask):
-    """Store `v` in the element type of `ptr`; float64 goes to a 16-bit type through float32,
-    as torch converts it."""
-    if ptr.dtype.element_ty != tl.float64:
-        v = v.to(tl.float32)
-    tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr):
-    """Per-channel (mean, scale = invstd * w, bias) of `y = (x - mean) * scale + bias`."""
-    mean = load_acc(mean_ptr, ch, cmask, IS_F64)
-    scale = rstd(load_acc(var_ptr, ch, cmask, IS_F64), eps)
-    if HAS_WEIGHT:
-        scale = scale * load_acc(w_ptr, ch, cmask, IS_F64)
-    if HAS_BIAS:
-        bias = load_acc(b_ptr, ch, cmask, IS_F64)
-    else:
-        bias = tl.zeros_like(mean)
-    return mean, scale, bias
-
-
-@triton.jit
-def _div_small(v, d, d_inv, FAST_DIV: tl.constexpr):
-    """v // d for int32 0 <= v, 1 <= d. FAST_DIV (the host checked v < 2^21): with
-    r = fl(1/d), fl((v + 0.5) * r) is within (v + 0.5) / d * 2^-23 < 0.5 / d of (v + 0.5) / d,
-    whose distance to an integer is at least 0.5 / d, so truncation gives the exact
-    quotient with 4 float instructions instead of a ~20-instruction integer division."""
-    if FAST_DIV:
-        return ((v.to(tl.float32) + 0.5) * d_inv).to(tl.int32)
-    else:
-        return v // d
-
-
-@triton.jit
-def flat_channel(base, local, C, HW, c_inv, hw_inv, NHWC: tl.constexpr, FAST_DIV: tl.constexpr):
-    """Channel of the elements `base + local` (int64 scalar + int32 offsets in [0, BLOCK))
-    in the working layout's memory order; vector arithmetic stays in int32 / fp32."""
-    if NHWC:  # e % C
-        t = (base % C).to(tl.int32) + local
-    else:  # (e // HW) % C
-        row0 = base // HW
-        rem0 = (base - row0 * HW).to(tl.int32)
-        t = (row0 % C).to(tl.int32) + _div_small(rem0 + local, HW, hw_inv, FAST_DIV)
-    return t - C * _div_small(t, C, c_inv, FAST_DIV)

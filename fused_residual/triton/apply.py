@@ -42,18 +42,22 @@ from torch import Tensor
 
 from ..checks import check_apply_args, check_dual_apply_args
 from ._common import (
-    channel_affine,
-    device_guard,
     elementwise_config,
     empty_like_working,
-    flat_channel,
-    join_f64,
     launch_plan,
     like_input,
-    load_acc,
     per_channel,
     prepare_input,
     split_f64,
+)
+from ._jit import (
+    channel_affine,
+    flat_channel,
+    join_f64,
+    load_acc,
+)
+from ._launch import (
+    device_guard,
     triton_op,
     wrap_triton,
 )

@@ -42,24 +42,28 @@ from torch import Tensor
 
 from ..checks import check_backward_apply_args, check_backward_reduce_args
 from ._common import (
-    device_guard,
     elementwise_config,
     empty_like_working,
-    flat_channel,
-    join_f64,
     launch_plan,
     like_input,
-    load_acc,
     merge_blocks,
-    nchw_tile,
-    nhwc_tile,
-    partials_chunk,
     per_channel,
     prepare_input,
     reduce_config,
-    rstd,
     split_f64,
+)
+from ._jit import (
+    flat_channel,
+    join_f64,
+    load_acc,
+    nchw_tile,
+    nhwc_tile,
+    partials_chunk,
+    rstd,
     to_acc,
+)
+from ._launch import (
+    device_guard,
     triton_op,
     wrap_triton,
 )

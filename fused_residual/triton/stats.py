@@ -45,20 +45,24 @@ from torch import Tensor
 from ..checks import check_stats_args, check_update_running_stats_args
 from ..reference import acc_dtype
 from ._common import (
-    device_guard,
-    join3_f64,
-    join_f64,
     launch_plan,
-    load_acc,
     merge_blocks,
-    nchw_tile,
-    nhwc_tile,
-    partials_chunk,
     prepare_input,
     reduce_config,
     split_f64,
+)
+from ._jit import (
+    join3_f64,
+    join_f64,
+    load_acc,
+    nchw_tile,
+    nhwc_tile,
+    partials_chunk,
     store_rounded,
     to_acc,
+)
+from ._launch import (
+    device_guard,
     triton_op,
     wrap_triton,
 )
