@@ -94,8 +94,10 @@ def merge_moments(gathered: Tensor, num_norms: int, channels: int,
 
 def all_gather_rows(row: Tensor, group_name: str, world_size: int) -> Tensor:
     """The one forward collective: every rank's row, stacked in rank order."""
-    gathered = funcol.all_gather_single(row, 0, group_name)
-    return funcol.wait_tensor(gathered).view(world_size, -1)
+    # The native functional op, not funcol.all_gather_single (torch >= 2.12 only) nor
+    # all_gather_tensor (deprecated there): the same traceable op on every supported torch.
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(row, world_size, group_name)
+    return torch.ops._c10d_functional.wait_tensor(gathered).view(world_size, -1)
 
 
 def all_reduce_mean_sums(sums: list[Tensor], total: Tensor, group_name: str) -> list[Tensor]:
