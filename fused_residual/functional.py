@@ -20,6 +20,21 @@ from .checks import check_input, check_like_input, check_per_channel
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 
+def _torch_takes_zero_eps_in_eval() -> bool:
+    """Whether the installed torch's F.batch_norm accepts eps=0 in evaluation mode (torch 2.11
+    raises ValueError; later releases accept it). The functional ops follow it, so that
+    BatchNormAddReLU2d takes what the installed nn.BatchNorm2d takes. Asked once, at import."""
+    one = torch.ones(1)
+    try:
+        F.batch_norm(one.view(1, 1, 1, 1), one - 1, one, training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_ZERO_EPS_IN_EVAL = _torch_takes_zero_eps_in_eval()
+
+
 def check_arguments(
     input: Tensor,
     residual: Tensor | None,
@@ -50,8 +65,9 @@ def check_arguments(
         raise ValueError(f"{stats} must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{stats} must be defined in evaluation mode (training{suffix}=False)")
-    if eps < 0 or (training and eps == 0):
-        raise ValueError(f"eps{suffix} must be positive{' in training' if training else ''}, got {eps}")
+    if eps < 0 or (eps == 0 and (training or not _ZERO_EPS_IN_EVAL)):
+        where = " in training" if training and _ZERO_EPS_IN_EVAL else ""
+        raise ValueError(f"eps{suffix} must be positive{where}, got {eps}")
     if (training and not synchronized and input.numel() > 0
             and input.shape[0] * input.shape[2] * input.shape[3] == 1):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "

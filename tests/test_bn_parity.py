@@ -82,7 +82,10 @@ def test_pytorch_sample_inputs(backend, training, dtype, layout):
         pytest.skip("interpreted Triton (slow): float32 NCHW and float64 channels_last cover both")
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     samples = _sample_inputs(dtype, training)
-    assert len(samples) >= 7
+    # Six samples (default, 2d_simple_average, momentum, not_affine, not_tracking_stats,
+    # zero_batch), and affine_not_bias on a torch whose BatchNorm2d takes `bias`.
+    has_bias_arg = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+    assert len(samples) >= 6 + has_bias_arg
     for i, sample in enumerate(samples):
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
         torch.manual_seed(i)
