@@ -147,7 +147,8 @@ def test_nan_and_inf_propagate(backend):
 def test_denormals_as_pytorch(backend, dtype):
     """Subnormal inputs, residuals and gradients survive, as in PyTorch (no flush to zero):
     an eval-mode BatchNorm that is the identity (mean 0, var 1, no affine; eps 1e-30, which
-    var + eps rounds away, since torch 2.11 refuses eps 0) makes every operation exact, so the fused results equal eager PyTorch's bit for bit."""
+    var + eps rounds away, since torch 2.11 refuses eps 0) makes every operation exact, so the
+    fused results equal eager PyTorch's bit for bit."""
     if is_slow(backend) and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter converts bfloat16 subnormals wrongly (its bit-level bf16 <-> fp32 "
                     "conversion: 1.47e-39 -> 0); compiled kernels convert exactly, and test_gpu_static.py "
