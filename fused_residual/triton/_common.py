@@ -83,7 +83,8 @@ class Tuning:
     registers per thread, 16 KiB of bf16 per operand in flight per SM. Reduction programs
     keep `reduce_tile / 2` lanes (a quarter for float64) of accumulators, 4 per thread at 8
     warps (Welford's 3 or the backward's 4 accumulators per value); their grid is sized for
-    `programs_per_sm` resident programs per SM (<= 64 registers).
+    `programs_per_sm` resident programs per SM (<= 64 registers). Float64 kernels and
+    unaligned channels_last reductions take half the lanes per program (`_lane_divisor`).
     tests/test_gpu_static.py compiles every kernel variant of the ResNet-50 shapes for
     sm_90 and fails on a spill or on registers above these budgets. Block widths along a
     row come from `_pick_block`.
@@ -140,6 +141,15 @@ def _values_per_thread(geo: Geometry, reduction: bool = False) -> int:
     that in float64, so that a float64 kernel needs about the registers of a float32 one."""
     values = 4 if reduction else 8
     return values // 2 if geo.is_f64 else values
+
+
+def _lane_divisor(geo: Geometry, reduction: bool = False) -> int:
+    """2 where a program gets half the lanes (4 warps instead of 8, same values per thread),
+    so that its registers fit the per-thread budget of its planned occupancy (128 instead of
+    64 at 4 programs per SM): float64 kernels (two registers per value; Triton 3.6 compiles
+    the dual apply to ~100) and channels_last reductions with C % 8 != 0 (no vector loads:
+    an address per value; 73 registers under Triton 3.6). tests/test_gpu_static.py checks."""
+    return 2 if geo.is_f64 or (reduction and geo.nhwc and geo.c % 8 != 0) else 1
 
 
 def _warps(lanes: int, per_thread: int) -> int:
@@ -242,7 +252,7 @@ FAST_DIV_LIMIT = 2**21
 def elementwise_config(geo: Geometry) -> ElementwiseConfig:
     t = TUNING
     per_thread = _values_per_thread(geo)
-    tile = max(8, t.elementwise_tile * per_thread // 8)
+    tile = max(8, t.elementwise_tile * per_thread // 8 // _lane_divisor(geo))
     if geo.cols % 8 == 0:
         block_cols = _pick_block(geo.cols, max(8, min(tile, t.elementwise_max_cols)), 8)
         block_r = max(1, min(tile // block_cols, triton.next_power_of_2(geo.rows)))
@@ -271,7 +281,7 @@ class ReduceConfig:
 def reduce_config(geo: Geometry, device: torch.device) -> ReduceConfig:
     t = TUNING
     per_thread = _values_per_thread(geo, reduction=True)
-    tile = max(1, t.reduce_tile * per_thread // 8)
+    tile = max(1, t.reduce_tile * per_thread // 8 // _lane_divisor(geo, reduction=True))
     if geo.nhwc:
         block_b = _pick_block(geo.c, t.reduce_max_c, min(16, t.reduce_max_c))
         block_a = max(1, min(tile // block_b, triton.next_power_of_2(geo.rows)))
