@@ -155,7 +155,7 @@ stage2() {
   local json=$OUT/gpu.json
   if [ "$STUB" = 1 ]; then  # a stand-in JSON for timing the report
     rm -f "$OUT/gpu.json"
-    json=results/cpu.json
+    json=results/cpu-run1.json
   fi
   if [ -f "$json" ]; then
     step "report (bench_report.py)" "$OUT/stage2.log" 120 python scripts/bench_report.py "$json" \

@@ -46,7 +46,8 @@ class EagerSyncBatchNorm(torch.autograd.Function):
         else:  # still joins the all_gather; its zero count is filtered out below
             combined = torch.zeros(2 * channels + 1, dtype=acc, device=input.device)
         gathered = combined.new_empty((world_size * combined.numel(),))
-        dist.all_gather_into_tensor(gathered, combined, group=group)
+        # all_gather_single is the name from torch 2.12 on (all_gather_into_tensor warns there).
+        getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, combined, group=group)
         gathered = gathered.view(world_size, -1)
         mean_all, var_all, count_all = torch.split(gathered, channels, dim=1)
         keep = count_all.squeeze(-1) >= 1  # as PyTorch: drop empty ranks (a host sync on GPUs)
