@@ -3,8 +3,8 @@ runs each as a step; each prints `RESULT <check>: ...`, with FAIL in it when it 
 exits non-zero then):
 
     python scripts/gpu_checks.py extension [--device cuda]   # available_backends + one op call
-    python scripts/gpu_checks.py reference --backends triton extension
-    python scripts/gpu_checks.py graph --backends triton extension
+    python scripts/gpu_checks.py reference --backends extension triton
+    python scripts/gpu_checks.py graph --backends extension triton
     python scripts/gpu_checks.py compile
 
 * extension: available_backends("cuda") and one bn_add_relu forward + backward through the
@@ -277,11 +277,13 @@ class _Count(logging.Handler):
         self.hits += MUTATION_WARNING in record.getMessage()
 
 
-def check_compile(device: str) -> bool:
+def check_compile(device: str, backend: str = "triton") -> bool:
     counter = _Count()
-    logging.getLogger("torch").addHandler(counter)
+    # torch/_higher_order_ops/triton_kernel_wrap.py logs it on "torch._dynamo" (2.11 to 2.14),
+    # which torch's logging setup may keep from propagating to "torch".
+    logging.getLogger("torch._dynamo").addHandler(counter)
     torch.manual_seed(0)
-    eager = fused_residual.FusedResidualBlock(16, 32, stride=2, backend="triton").to(device).train()
+    eager = fused_residual.FusedResidualBlock(16, 32, stride=2, backend=backend).to(device).train()
     module = copy.deepcopy(eager)
     compiled = torch.compile(module, fullgraph=True, dynamic=False)
     x = torch.randn(8, 16, 14, 14, device=device)
@@ -305,7 +307,7 @@ def check_compile(device: str) -> bool:
     ok = worst < 1e-3 and counter.hits == 0
     return result(
         "compile",
-        f"FusedResidualBlock training step, triton backend, fullgraph: compiled and ran "
+        f"FusedResidualBlock training step, {backend} backend, fullgraph: compiled and ran "
         f"twice in {time.perf_counter() - start:.0f} s, max |compiled - eager| {worst:.1e}; Inductor's "
         f"'{MUTATION_WARNING}' warning {counter.hits} times",
         ok,
@@ -317,9 +319,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("check", choices=["extension", "reference", "graph", "compile"])
-    parser.add_argument("--backends", nargs="+", default=["triton", "extension"])
+    parser.add_argument("--backends", nargs="+", default=["extension", "triton"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="the small shapes only (CPU)")
+    parser.add_argument("--compile-backend", default="triton", help="compile: the block's backend")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         return 0 if result(args.check, "no CUDA GPU visible", False) else 1
@@ -330,7 +333,7 @@ def main() -> int:
     elif args.check == "graph":
         ok = check_graph(args.backends)
     else:
-        ok = check_compile(args.device)
+        ok = check_compile(args.device, args.compile_backend)
     return 0 if ok else 1
 
 

@@ -90,9 +90,11 @@ class Run:
         return argv, env, cwd, shown
 
     def context(self) -> dict:
+        """What a step's command needs; the extension first where it was built (the sanitizer
+        loads its one library fast, Triton's kernel versions one by one)."""
         built = self.build.get("verdict") == "PASS"
         return dict(
-            repo=REPO, out=self.out, work=self.work, backends=["triton", "extension"] if built else ["triton"]
+            repo=REPO, out=self.out, work=self.work, backends=["extension", "triton"] if built else ["triton"]
         )
 
     def spawn(self, step: gpu_plan.Step, limit: float) -> tuple[subprocess.Popen, int]:

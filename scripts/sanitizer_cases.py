@@ -1,7 +1,7 @@
 """Every kernel of every GPU backend on the inputs where memory bugs hide, for compute-sanitizer:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \\
-        python scripts/sanitizer_cases.py [--backends triton extension] [--device cuda]
+        python scripts/sanitizer_cases.py [--backends extension triton] [--device cuda]
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 (scripts/gpu_check.sh sets it; this script warns without it)
 gives every tensor its own cudaMalloc, so an access a few bytes past a tensor is outside any
