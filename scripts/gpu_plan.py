@@ -19,7 +19,7 @@ Triton-backend training step; benchmarks.
 
 Estimates: the build ~150 s (its slowest file, bn_backward.cu, ~105 s on one core, then the
 link; 16 cores compile the 8 sources at once); the Triton smoke tests ~90 s (start 5 s, the
-JIT of ~110 kernel versions x ~0.2 s, two torch.compile block steps ~15 s each); a sanitizer
+JIT of ~110 kernel versions x ~0.2 s, a torch.compile block step ~30 s); a sanitizer
 pass ~30-60 s (Python, CUDA and the tool start ~15 s, then the cases, 10-100x slower under
 the tool, memcheck the slowest); the checks ~10-25 s each, torch.compile of a forward +
 backward ~60 s (Inductor's first compile on a cold cache).
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-DEADLINE_S = 550.0  # one device command is at most 600 s; 50 s to spare for the transfers
+DEADLINE_S = 550.0  # one device command is at most 600 s; 50 s to spare (start-up, slack)
 COMMAND_LIMIT_S = 600.0
 GRACE_S = 10.0  # SIGINT, then SIGKILL this much later (pytest writes its summary and JSON)
 MARGIN_S = 5.0  # held back after the last step for the closing lines
