@@ -1,6 +1,7 @@
 """Turn pytest-benchmark JSON files (from benchmarks/) into Markdown tables, plots and RESULTS.md.
 
-Regenerate the repository's CPU results (three runs, pooled; about 15 minutes on 2 cores):
+Regenerate the repository's CPU results (three runs, pooled; about 35 minutes on a quiet 2-core
+machine: each session is about 11, see benchmarks/test_block_bench.py):
 
     for run in 1 2 3; do
         pytest benchmarks/ --benchmark-only --benchmark-json=results/cpu-run$run.json
