@@ -311,7 +311,8 @@ def check_backward_apply(g, mask, x, mean, var, w, sdy, sdyx, count, need_gi, ne
 def _cpp_schemas() -> dict[str, str]:
     src = (REPO / "csrc" / "ops.cpp").read_text()
     schemas = {}
-    for call in re.findall(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", src):
+    # m.def("schema" "continued", FUSED_RESIDUAL_TAGS): the string literals up to the tags
+    for call in re.findall(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)[,)]", src):
         schema = "".join(re.findall(r"\"([^\"]*)\"", call))
         schemas[schema.split("(", 1)[0]] = schema
     return schemas
