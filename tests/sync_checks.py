@@ -1,6 +1,6 @@
 """The checks tests/sync_worker.py runs in every rank of a spawned process group: the
-synchronized functionals on each rank's rows against the single-process ops on the whole
-batch (sync_cases.py), for each world size they are registered for. More checks (modules,
+synchronized functionals on each rank's rows against a float64 truth on the whole batch
+under the derived bound (sync_cases.py), for each world size they are registered for. More checks (modules,
 torch.compile, process groups) are in sync_module_checks.py.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from sync_cases import agreed, compare_with_whole_batch, dual_fn, problem, run, single_fn, whole_batch_runs
+from sync_cases import agreed, compare_with_whole_batch, dual_fn, problem, run, single_fn, whole_batch
 
 import fused_residual
 
@@ -50,7 +50,7 @@ def sync_single(ctx: Ctx, name: str, sizes: list[int], dtype=torch.float32, *, b
     leaves, stats, grad = prob.slice(ctx.rank)
     got = run(single_fn(fused_residual.sync_bn_add_relu, momentum=momentum, process_group=group,
                         backend=backend), leaves, stats, grad)
-    whole = whole_batch_runs(prob, False, ctx.backend, momentum=momentum)
+    whole = whole_batch(prob, False, momentum=momentum)
     with agreed(ctx.device, group):
         if leaves["input"].is_contiguous(memory_format=torch.channels_last) and sizes[ctx.rank] > 1:
             assert got.out.is_contiguous(memory_format=torch.channels_last), f"{name}: output layout"
@@ -67,7 +67,7 @@ def sync_dual(ctx: Ctx, name: str, sizes: list[int], dtype=torch.float32, *, bac
     leaves, stats, grad = prob.slice(ctx.rank)
     got = run(dual_fn(fused_residual.sync_dual_bn_add_relu, process_group=group, backend=backend,
                       **options), leaves, stats, grad)
-    whole = whole_batch_runs(prob, True, ctx.backend, **options)
+    whole = whole_batch(prob, True, **options)
     with agreed(ctx.device, group):
         assert (got.forward_calls, got.backward_calls) == calls, (got.forward_calls, got.backward_calls)
     compare_with_whole_batch(name, got, whole, sizes, ctx.rank, group)

@@ -4,8 +4,9 @@
 `world` processes in one process group (gloo on CPU, or NCCL with one GPU per rank) and runs
 every check registered for that world size (sync_checks.py, sync_module_checks.py) in each, in
 order, reusing the group; each rank writes DIR/rank<r>.json mapping check name -> "ok" or the
-error. The group's timeout is short, so that a rank left waiting in a collective fails
-instead of hanging.
+error. The group's timeout (300 s by default: on a loaded 2-core machine a rank may wait
+that long in a collective while another compiles or is descheduled) makes a rank left waiting
+in a collective fail instead of hanging, well within test_sync's job timeout.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--checks", default="")
     parser.add_argument("--dist-backend", default="gloo")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
     names = checks_for(args.world, "cuda" if args.dist_backend == "nccl" else "cpu")
     if args.checks:

@@ -1,9 +1,11 @@
 """BatchNormAddReLU2d as a drop-in for the installed torch's nn.BatchNorm2d: the constructor
 signature, and relu(bn(x) [+ r]) on PyTorch's own BatchNorm2d sample inputs
 (`torch.testing._internal.common_modules`, the ModuleInfo of nn.BatchNorm2d) in train and
-eval, float32 and float64, NCHW and channels_last, under the tolerance rule: outputs,
-gradients (input, residual, weight, bias) and buffers. And a weight without a bias (what
-`bias=False` builds) in every backend, functional and dual.
+eval, float32 and float64, NCHW and channels_last: every fused backend against a float64
+nn.BatchNorm2d under the derived bound (tests/bounds.py; eager nn.BatchNorm2d held to it
+too): outputs, gradients (input, residual, weight, bias) and buffers; the reference backend
+bit for bit eager nn.BatchNorm2d + add + ReLU (what it is: not a numerics test). And a weight
+without a bias (what `bias=False` builds) in every backend, functional and dual.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import inspect
 import pytest
 import torch
 import torch.nn as nn
-from helpers import DEVICE, FUSED_BACKENDS, assert_within_rule, check_against_reference, is_slow, make_case
+from bounds import bn_add_relu_bounds
+from helpers import (
+    DEVICE,
+    FUSED_BACKENDS,
+    assert_within_bound,
+    batch_norm_call,
+    check_against_reference,
+    is_slow,
+    make_case,
+)
 from test_dual import check_dual, make_dual_case
 from test_modules import EagerTail
 
@@ -24,7 +35,6 @@ pytest.importorskip("expecttest", reason="torch.testing._internal.common_modules
 from torch.testing._internal.common_modules import module_db
 
 BN_INFO = next(info for info in module_db if info.module_cls is nn.BatchNorm2d)
-BACKENDS = ["reference", *FUSED_BACKENDS]
 
 
 def test_signature_matches_nn_batchnorm2d():
@@ -72,14 +82,27 @@ def _sample_inputs(dtype, training):
                                       training=training)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", BN_INFO.dtypes, ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_pytorch_sample_inputs(backend, training, dtype, layout):
-    interpreted_cases = ((torch.float32, "nchw"), (torch.float64, "channels_last"))
-    if is_slow(backend) and (dtype, layout) not in interpreted_cases:
-        pytest.skip("interpreted Triton (slow): float32 NCHW and float64 channels_last cover both")
+def _modules(sample, dtype, backend, i):
+    """The sample's nn.BatchNorm2d and a BatchNormAddReLU2d with the same state (weights,
+    bias and running stats away from 1, 0, 0, 1)."""
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    torch.manual_seed(i)
+    plain = nn.BatchNorm2d(*args, **kwargs).to(device=DEVICE, dtype=dtype)
+    fused = fused_residual.BatchNormAddReLU2d(*args, **kwargs, backend=backend).to(device=DEVICE, dtype=dtype)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert (fused.bias is None) == (plain.bias is None) and fused.affine == plain.affine
+    g = torch.Generator().manual_seed(100 + i)
+    with torch.no_grad():
+        for t, lo in ((plain.weight, 0.5), (plain.bias, -0.5), (plain.running_mean, -0.2),
+                      (plain.running_var, 0.5)):
+            if t is not None:
+                t.copy_(torch.rand(t.shape, generator=g, dtype=dtype) + lo)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _cases(dtype, training, layout):
+    """(i, sample, x, residual, grad) for every sample, with and without a residual."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     samples = _sample_inputs(dtype, training)
     # Six samples (default, 2d_simple_average, momentum, not_affine, not_tracking_stats,
@@ -87,51 +110,85 @@ def test_pytorch_sample_inputs(backend, training, dtype, layout):
     has_bias_arg = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
     assert len(samples) >= 6 + has_bias_arg
     for i, sample in enumerate(samples):
-        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
-        torch.manual_seed(i)
-        plain = nn.BatchNorm2d(*args, **kwargs).to(device=DEVICE, dtype=dtype)
-        fused = fused_residual.BatchNormAddReLU2d(*args, **kwargs, backend=backend).to(device=DEVICE,
-                                                                                      dtype=dtype)
-        assert list(fused.state_dict()) == list(plain.state_dict())
-        assert (fused.bias is None) == (plain.bias is None) and fused.affine == plain.affine
-        with torch.no_grad():  # weights, bias and running stats away from 1, 0, 0, 1
-            for t, lo in ((plain.weight, 0.5), (plain.bias, -0.5), (plain.running_mean, -0.2),
-                          (plain.running_var, 0.5)):
-                if t is not None:
-                    t.copy_(torch.rand(t.shape, dtype=dtype) + lo)
-        fused.load_state_dict(plain.state_dict())
         x = sample.forward_input.args[0].detach().contiguous(memory_format=fmt)
         g = torch.Generator().manual_seed(i)
         for residual in (None, torch.randn(x.shape, generator=g).to(x).contiguous(memory_format=fmt)):
-            eager, truth = EagerTail(copy.deepcopy(plain)), EagerTail(copy.deepcopy(plain).double())
-            mine = copy.deepcopy(fused)
+            yield i, sample, x, residual, torch.randn(x.shape, generator=g).to(x)
+
+
+def _sync_buffers(source: nn.Module, *targets: nn.Module) -> None:
+    """Each step starts every module from the fused one's running statistics (the same rounded
+    inputs: the truth must not carry its own earlier step's exact values)."""
+    for t in targets:
+        with torch.no_grad():
+            for b, c in zip(source.buffers(), t.buffers(), strict=True):
+                c.copy_(b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", BN_INFO.dtypes, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_pytorch_sample_inputs(backend, training, dtype, layout):
+    interpreted_cases = ((torch.float32, "nchw"), (torch.float64, "channels_last"))
+    if is_slow(backend) and (dtype, layout) not in interpreted_cases:
+        pytest.skip("interpreted Triton (slow): float32 NCHW and float64 channels_last cover both")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for i, sample, x, residual, grad in _cases(dtype, training, layout):
+        plain, fused = _modules(sample, dtype, backend, i)
+        eager, truth = EagerTail(copy.deepcopy(plain)), EagerTail(copy.deepcopy(plain).double())
+        mine = copy.deepcopy(fused)
+        for m in (mine, eager, truth):
+            m.train(training)
+        for step in range(2):  # twice: the second step starts from updated running stats
+            _sync_buffers(mine, eager.bn, truth.bn)
+            call = batch_norm_call(mine)
+            got = _step(mine, x, residual, grad)
+            want = _step(eager, x, residual, grad)
+            exact = _step(truth, x.double(), None if residual is None else residual.double(), grad.double())
+            case = f"{sample.desc or 'default'} residual={residual is not None} step {step}"
+            assert got[0].dtype == dtype, case
+            assert got[0].is_contiguous(memory_format=fmt) or not x.numel(), case
+            dy = torch.where(got[0] > 0, grad.double(), torch.zeros((), dtype=torch.float64))
+            bounds = bn_add_relu_bounds(x, residual, dy=dy, **call)
+            assert_within_bound(f"{case} output", got[0], exact[0], bounds["output"], want[0], True)
+            for key, value in exact[1].items():
+                if value is None:
+                    assert got[1][key] is None, (case, key)
+                    continue
+                assert_within_bound(f"{case} grad {key}", got[1][key], value, bounds[f"grad_{key}"],
+                                    want[1][key], True)
+            for key, value in exact[2].items():
+                if key == "num_batches_tracked":
+                    assert torch.equal(got[2][key], value), case
+                    continue
+                # Unchanged (bound 0) where not updated: eval, or not tracking.
+                assert_within_bound(f"{case} {key}", got[2][key], value, bounds.get(key, 0.0), want[2][key],
+                                    True)
             for m in (mine, eager, truth):
-                m.train(training)
-            grad = torch.randn(x.shape, generator=g).to(x)
-            for _ in range(2):  # twice: the second step starts from updated running stats
-                got = _step(mine, x, residual, grad)
-                want = _step(eager, x, residual, grad)
-                exact = _step(truth, x.double(), None if residual is None else residual.double(),
-                              grad.double())
-                case = f"{sample.desc or 'default'} residual={residual is not None}"
-                assert got[0].dtype == dtype, case
-                assert got[0].is_contiguous(memory_format=fmt) or not x.numel(), case
-                assert_within_rule(f"{case} output", got[0], want[0], exact[0], dtype)
-                for key, value in exact[1].items():
-                    if value is None:
-                        assert got[1][key] is None, (case, key)
-                        continue
-                    assert_within_rule(f"{case} grad {key}", got[1][key], want[1][key], value, dtype)
-                for key, value in exact[2].items():
-                    if key == "num_batches_tracked":
-                        assert torch.equal(got[2][key], value), case
-                        continue
-                    # The running mean moves by a batch mean: a cancelling sum of the inputs
-                    # (true value near 0), so its atol scale is what was summed (helpers.py).
-                    scale = max(1.0, x.abs().max().item()) if key == "running_mean" and x.numel() else None
-                    assert_within_rule(f"{case} {key}", got[2][key], want[2][key], value, dtype, scale)
-                for m in (mine, eager, truth):
-                    m.zero_grad(set_to_none=True)
+                m.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_reference_backend_is_eager_pytorch(training, layout):
+    """The reference backend computes what eager nn.BatchNorm2d + add + ReLU computes, bit for
+    bit, on the same samples: outputs, gradients and buffers, two steps."""
+    for i, sample, x, residual, grad in _cases(torch.float32, training, layout):
+        plain, fused = _modules(sample, torch.float32, "reference", i)
+        eager = EagerTail(plain)
+        for m in (fused, eager):
+            m.train(training)
+        for _ in range(2):
+            got, want = _step(fused, x, residual, grad), _step(eager, x, residual, grad)
+            assert torch.equal(got[0], want[0])
+            for part in (1, 2):
+                assert got[part].keys() == want[part].keys()
+                for key, value in want[part].items():
+                    same = (value is None and got[part][key] is None) or torch.equal(got[part][key], value)
+                    assert same, key
+            for m in (fused, eager):
+                m.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

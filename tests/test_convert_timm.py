@@ -1,10 +1,8 @@
 """convert() on timm's ResNet family (`timm.create_model(name, pretrained=False)`): what fuses
-(the report), the converted model against the original and a float64 copy under the
-tolerance rule, partial fusion where an SE module, DropPath, DropBlock or a non-ReLU
-activation is in the way, checkpoints both ways, and torch.compile(fullgraph=True).
-
-Whole models are checked on their outputs (train and eval) and running statistics; gradients
-per block, on a downsampling and an identity block (test_convert.py's module doc says why).
+(the report), the converted model's structure and numerics as tests/model_checks.py checks
+them (the reference conversion bit for bit the original, every fused op within its derived
+bound), partial fusion where an SE module, DropPath, DropBlock or a non-ReLU activation is in
+the way, checkpoints both ways, and torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -14,13 +12,18 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import DEVICE, FUSED_BACKENDS, assert_within_rule, is_slow
+from helpers import DEVICE, FUSED_BACKENDS, is_slow
 
 import fused_residual
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install fused_residual[timm])")
-from model_checks import randomize_norms  # noqa: E402
-from test_convert import OpCounter, check_rule, compile_and_compare, conv_terms, step  # noqa: E402
+from model_checks import (  # noqa: E402
+    FusedOpAudit,
+    assert_reference_conversion_is_original,
+    randomize_norms,
+    step,
+)
+from test_convert import OpCounter, compile_and_compare  # noqa: E402
 from timm.models import resnet as timm_resnet  # noqa: E402
 
 BACKEND = next((b for b in FUSED_BACKENDS if not is_slow(b)), "reference")
@@ -43,24 +46,41 @@ def build(name: str, **kwargs) -> nn.Module:
     return randomize_norms(model).to(DEVICE)
 
 
-def forward_all(models, x, training, seed=7):
-    outs = []
-    for m in models:
-        m.train(training)
-        torch.manual_seed(seed)  # DropPath / DropBlock draw the same masks in each model
-        with torch.no_grad():
-            outs.append(m(x.to(next(m.parameters()).dtype)))
-    return outs
+def run_steps(model: nn.Module, x: torch.Tensor, backward: bool = True, seed: int = 7) -> list:
+    """A training step (forward + backward: outputs, gradients, buffers; with `backward`, else
+    a training forward) and an eval forward, each with the RNG seeded (DropPath / DropBlock
+    draw the same masks in every model)."""
+    results = []
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(seed)
+        if backward and training:
+            results.append(step(model, x))
+        else:
+            with torch.no_grad():
+                results.append((model(x), dict(model.named_buffers())))
+    return results
+
+
+def check_converted(fused: nn.Module, original: nn.Module, x: torch.Tensor, fused_parts: int,
+                    backward: bool = True) -> None:
+    """Structure (the reference conversion of `original` bit for bit the original) and the
+    numerics of every fused op of `fused` (tests/model_checks.py), over `run_steps`: one
+    fused op per fused part per forward."""
+    assert_reference_conversion_is_original(original, lambda m: run_steps(m, x, backward))
+    if BACKEND == "reference":
+        return
+    with FusedOpAudit() as audit:
+        run_steps(copy.deepcopy(fused), x, backward)
+    assert audit.calls.get("apply", 0) + audit.calls.get("dual_apply", 0) == 2 * fused_parts, audit.calls
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_converts_and_matches(name):
     """Every block recognized, the parts fused as expected (seresnet50: the SE module leaves
-    each tail unfused, bn1+act1 and bn2+act2 fuse); outputs in train (twice: running stats
-    move) and eval, and running statistics, under the rule; a training step of a
-    downsampling and an identity block (grouped, wide, avg-pool shortcut convs) per block."""
+    each tail unfused, bn1+act1 and bn2+act2 fuse); a training step (outputs, gradients,
+    running statistics) and an eval forward: structure and numerics (module doc)."""
     original = build(name)
-    truth = copy.deepcopy(original).double()
     keys = list(original.state_dict())
     fused = fused_residual.convert(copy.deepcopy(original), backend=BACKEND)
     assert list(fused.state_dict()) == keys
@@ -75,25 +95,8 @@ def test_model_converts_and_matches(name):
     assert isinstance(fused.layer1[0], timm_resnet.Bottleneck | timm_resnet.BasicBlock)
     assert type(fused.layer1[0]).__name__.startswith("Fused")
 
-    # 64x64: 8 values per channel in layer4's BatchNorms (at 32x32, 2 values make batch
-    # statistics amplify rounding differences by orders of magnitude in any float32 run).
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    for training in (True, True, False):
-        got, want, exact = forward_all((fused, original, truth), x, training)
-        assert_within_rule(f"{name} output", got, want, exact, torch.float32)
-    buffers = dict(original.named_buffers())
-    for n, b in truth.named_buffers():
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(dict(fused.named_buffers())[n], b), n
-        else:
-            assert_within_rule(n, dict(fused.named_buffers())[n], buffers[n], b, torch.float32)
-
-    for block, shape in (("layer2.0", (2, fused.layer2[0].conv1.in_channels, 8, 8)),
-                         ("layer2.1", (2, fused.layer2[1].conv1.in_channels, 4, 4))):
-        parts = [m.get_submodule(block).train() for m in (fused, original, truth)]
-        x_in = torch.relu(torch.randn(shape, device=DEVICE))  # a block's input is a ReLU output
-        check_rule(step(parts[0], x_in), step(parts[1], x_in), step(parts[2], x_in.double()),
-                   torch.float32, conv_terms(parts[1], x_in))
+    # 64x64: 8 values per channel in layer4's BatchNorms.
+    check_converted(fused, original, torch.randn(2, 3, 64, 64, device=DEVICE), report.fused)
 
 
 @pytest.mark.parametrize("kwargs, expect", [
@@ -104,9 +107,9 @@ def test_model_converts_and_matches(name):
 ], ids=["drop_path", "drop_block", "silu", "aa"])
 def test_partial_fusion(kwargs, expect):
     """Only exactly equivalent parts fuse; the rest runs as before, with the same random masks
-    in training: outputs under the rule in train and eval, and the report names why."""
+    in training: structure and numerics of a training and an eval forward, and the report
+    names why."""
     original = build("resnet18", **kwargs)
-    truth = copy.deepcopy(original).double()
     report = fused_residual.convert_report(original)
     if expect is None:  # anti-aliasing runs after the fused BatchNorm + ReLU: everything fuses
         assert report.left == 0 and report.fused == 17, str(report)
@@ -120,9 +123,7 @@ def test_partial_fusion(kwargs, expect):
     else:
         fused_residual.convert(fused, backend=BACKEND)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    for training in (True, False):
-        got, want, exact = forward_all((fused, original, truth), x, training)
-        assert_within_rule("output", got, want, exact, torch.float32)
+    check_converted(fused, original, x, report.fused, backward=False)
     # A partly fused block: its fused parts do run fused (no aten batch_norm for them).
     counter = OpCounter()
     with counter, torch.no_grad():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import fused_residual
+
 pytest.importorskip("torchvision")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_resnet.py"
@@ -20,13 +22,25 @@ def load_example():
 
 
 def test_runs_briefly_and_judges_both_models_against_float64(capsys):
+    """Three steps at tiny sizes: the example's own checks pass (the logits under the
+    contract's rule over many values, the loss under the bound that follows from it through
+    the loss), and every fused op the converted model runs meets its derived bound on its
+    own arguments (tests/model_checks.py), whatever the CPU's rounding luck in the scalars."""
+    pytest.importorskip("torchvision")
+    from model_checks import FusedOpAudit
+
     example = load_example()
-    code = example.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--image-size", "16",
-                         "--window", "50", "--device", "cpu"])
+    with FusedOpAudit() as audit:
+        code = example.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--image-size", "16",
+                             "--window", "50", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
+    if "extension" in fused_residual.available_backends("cpu"):  # what backend "auto" runs
+        # resnet18, three steps: one apply op per norm but the 3 shortcut norms in dual ops.
+        assert (audit.calls["apply"], audit.calls["dual_apply"]) == (3 * 14, 3 * 3), audit.calls
     assert "first step logits: error against float64: eager " in out
     assert "first step loss: error against float64: eager " in out
+    assert "the logits' bound through the loss" in out
     # Fewer steps than --window: the message names the window actually used.
     assert "moving averages over 3 steps" in out and "over 50 steps" not in out
     assert "throughput over the last 2 steps (images/s)" in out
