@@ -52,6 +52,16 @@ TORCH_LIBRARY(fused_residual, m) {
       "bn_dual_apply(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
       "Tensor input2, Tensor mean2, Tensor var2, Tensor? weight2, Tensor? bias2, float eps, "
       "float eps2, bool save_mask) -> (Tensor out, Tensor mask)", FUSED_RESIDUAL_TAGS);
+  // The composite ops (csrc/bn_composite_ops.cpp): the unsynchronized training forward and the
+  // backward, each one call from Python instead of three and two (issue 21, host overhead).
+  m.def(
+      "bn_train_forward(Tensor input, Tensor? residual, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor? weight, Tensor? bias, float momentum, float eps, "
+      "bool save_mask) -> (Tensor out, Tensor mask, Tensor mean, Tensor var)", FUSED_RESIDUAL_TAGS);
+  m.def(
+      "bn_backward(Tensor grad_out, Tensor mask, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, float eps, bool training, bool[4] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)", FUSED_RESIDUAL_TAGS);
 }
 
 #undef FUSED_RESIDUAL_TAGS

@@ -1,19 +1,32 @@
 """The autograd.Functions that compose a fused backend's primitive ops.
 
-`FusedBatchNormAddReLU`, relu(batch_norm(input) + residual). Forward: statistics (training
-only), running-stat update, then the fused normalize + add + ReLU apply. Backward: the
-per-channel reduction, then the fused elementwise step: the fused BatchNorm-add-ReLU
+`FusedBatchNormAddReLU`, relu(batch_norm(input) + residual). Forward: in training one
+`train_forward` op (statistics, running-stat update, then the fused normalize + add + ReLU
+apply), in eval one `apply` on the running statistics. Backward: one `backward` op (the
+per-channel reduction, then the fused elementwise step): the fused BatchNorm-add-ReLU
 backward, not autograd through the pieces. It saves only the input, the packed 1-bit ReLU
 mask and per-channel mean/var (plus a reference to the weight), so the bytes saved are
-about (1 + 1/(8·itemsize))x the input's.
+about (1 + 1/(8·itemsize))x the input's. The composite ops make each direction one call into
+the op layer: a custom-op call from Python costs ~10K instructions of argument parsing and
+boxing beyond its kernels, so five of them put the training step at 1.2x eager's host time
+per call (issue 21); the primitives they compose stay for SyncBatchNorm, which all-reduces
+between them.
+
+Under torch.compile both Functions record the primitives instead (`use_composites`), the
+graphs they recorded before the composites existed. The op layer's mask is in the memory order
+of the input's working layout, and the `flexible_layout` tag lets Inductor hand two ops two
+layouts of one tensor (a copy for one, the original for the other): with the primitives its
+choices agree in the tested graphs, with the composite backward they did not
+(tests/test_compile.py, FusedResidualBlock in eval: the forward's bn_apply got an NCHW copy of
+a convolution's output, the backward its channels_last original). Compiled code has no
+per-call Python crossings to save, so it keeps the graphs that are known to be right.
 
 `FusedDualBatchNormAddReLU`, relu(batch_norm(input) + batch_norm(input2)): the tail of a
 downsampling block, whose residual is itself a BatchNorm's output. Forward: statistics and
 running-stat update of each BatchNorm, then one `bn_dual_apply` pass. Backward: the gradient
 of the pre-ReLU sum, dy = grad_out * mask, flows unchanged into both BatchNorms, so each
 runs the single-BatchNorm backward (reduce, then apply with no residual gradient) on the
-shared mask. Both Functions build on the same per-BatchNorm steps (`batch_statistics`,
-`bn_backward`).
+shared mask, each one `backward` op call (`fused_backward`, shared by both Functions).
 
 Second derivatives (gradient penalties: `torch.autograd.grad(..., create_graph=True)`): the
 fused backward ops are not differentiable, so when a backward runs with grad mode on it runs
@@ -31,12 +44,13 @@ import torch
 from torch import Tensor
 
 from .backends import REFERENCE_OPS, BackendOps, backend_ops
-from .reference import bn_stats_reference, working_layout
+from .reference import backward_steps, bn_stats_reference, values_per_channel, working_layout
 
 
-def values_per_channel(input: Tensor) -> int:
-    n, _, h, w = input.shape  # one shape read: this runs on every training call
-    return n * h * w
+def use_composites() -> bool:
+    """Whether a Function runs the composite ops (eager) or the primitives (torch.compile,
+    torch.export: see the module docstring)."""
+    return not torch.compiler.is_compiling()
 
 
 def batch_statistics(
@@ -61,26 +75,6 @@ def batch_statistics(
         return mean, var
     assert running_mean is not None and running_var is not None
     return running_mean, running_var
-
-
-def fused_forward(
-    ops_name: str,
-    input: Tensor,
-    residual: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    save_mask: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward's op sequence; returns (out, mask, mean, var) with mean/var the ones used."""
-    ops = backend_ops(ops_name)
-    mean, var = batch_statistics(ops, input, running_mean, running_var, training, momentum)
-    out, mask = ops.apply(input, residual, mean, var, weight, bias, eps, save_mask)
-    return out, mask, mean, var
 
 
 class BatchNormArgs(NamedTuple):
@@ -109,7 +103,7 @@ def fused_dual_forward(
     return out, mask, stats, stats2
 
 
-def bn_backward(
+def fused_backward(
     ops: BackendOps,
     grad_out: Tensor,
     mask: Tensor,
@@ -121,34 +115,34 @@ def bn_backward(
     training: bool,
     eps: float,
     needs: tuple[bool, bool, bool, bool],
+    composite: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """One BatchNorm's backward from the output gradient and the saved ReLU mask.
+    """One BatchNorm's backward from the output gradient and the saved ReLU mask: one
+    `backward` op call, or with `composite` False the two primitives it composes (a
+    SyncBatchNorm runs those too, all-reducing between them).
 
     `needs` = which of (grad_input, grad_residual, grad_weight, grad_bias) are wanted; returns
-    them (None where not wanted). In training the batch statistics depend on the input, so
-    grad_input needs the per-channel sums of dy and dy·(x - mean); in eval it does not.
+    them (None where not wanted), grad_weight/grad_bias in the parameters' dtypes.
     """
+    if composite:
+        grads = ops.backward(grad_out, mask, input, mean, var, weight, eps, training, needs)
+    else:
+        grads = backward_steps(ops.backward_reduce, ops.backward_apply, grad_out, mask, input, mean, var,
+                               weight, eps, training, needs)
+    grad_input, grad_residual, grad_weight, grad_bias = grads
     need_input, need_residual, need_weight, need_bias = needs
-    sum_dy = sum_dy_xmu = grad_weight = grad_bias = None
-    if (training and need_input) or need_weight or need_bias:
-        # A SyncBatchNorm would all-reduce sum_dy and sum_dy_xmu here.
-        sum_dy, sum_dy_xmu, grad_weight = ops.backward_reduce(grad_out, mask, input, mean, var, eps)
-    grad_input = grad_residual = None
-    if need_input or need_residual:
-        grad_input, grad_residual = ops.backward_apply(
-            grad_out, mask, input, mean, var, weight,
-            sum_dy if training else None,
-            sum_dy_xmu if training else None,
-            eps, values_per_channel(input), need_input, need_residual,
-        )
     # The reductions are in acc; a parameter of another dtype (a half model) gets its own.
     # (Compared first: `.to` is a dispatcher call even when it returns its input.)
     if need_weight:
-        grad_weight = grad_weight if grad_weight.dtype == weight.dtype else grad_weight.to(weight.dtype)
+        if grad_weight.dtype != weight.dtype:
+            grad_weight = grad_weight.to(weight.dtype)
     else:
         grad_weight = None
     if need_bias:
-        grad_bias = sum_dy if sum_dy.dtype == bias_dtype else sum_dy.to(bias_dtype)
+        if grad_bias.dtype != bias_dtype:
+            grad_bias = grad_bias.to(bias_dtype)
+    else:
+        grad_bias = None
     return (
         grad_input if need_input else None,
         grad_residual if need_residual else None,
@@ -189,24 +183,32 @@ class FusedBatchNormAddReLU(torch.autograd.Function):
         eps: float,
         ops_name: str,
     ) -> Tensor:
-        out, mask, mean, var = fused_forward(
-            ops_name, input, residual, weight, bias, running_mean, running_var,
-            training, momentum, eps, save_mask=True,
-        )
+        ops = backend_ops(ops_name)
+        composite = use_composites()
+        if not training:
+            out, mask = ops.apply(input, residual, running_mean, running_var, weight, bias, eps, True)
+            mean, var = running_mean, running_var
+        elif composite:
+            out, mask, mean, var = ops.train_forward(
+                input, residual, running_mean, running_var, weight, bias, momentum, eps, True
+            )
+        else:
+            mean, var = batch_statistics(ops, input, running_mean, running_var, training, momentum)
+            out, mask = ops.apply(input, residual, mean, var, weight, bias, eps, True)
         ctx.save_for_backward(input, mask, mean, var, weight)
         # One attribute (each ctx attribute set and read is a dict operation on every call).
-        ctx.options = (training, eps, ops_name, bias.dtype if bias is not None else None)
+        ctx.options = (training, eps, ops_name, bias.dtype if bias is not None else None, composite)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         input, mask, mean, var, weight = ctx.saved_tensors
-        training, eps, ops_name, bias_dtype = ctx.options
+        training, eps, ops_name, bias_dtype, composite = ctx.options
         ops = backward_ops(ops_name)
         mean, var = backward_statistics(ops, input, mean, var, training)
-        grads = bn_backward(
+        grads = fused_backward(
             ops, grad_out, mask, input, mean, var, weight, bias_dtype, training, eps,
-            ctx.needs_input_grad[:4],
+            ctx.needs_input_grad[:4], composite,
         )
         return (*grads, None, None, None, None, None, None)
 
@@ -263,13 +265,14 @@ class FusedDualBatchNormAddReLU(torch.autograd.Function):
         input2 = input2.contiguous(memory_format=working_layout(input))
         ops = backward_ops(ctx.ops_name)
         needs = ctx.needs_input_grad
+        composite = use_composites()
         grads = []
         for i, (x, m, v, w) in enumerate(((input, mean, var, weight), (input2, mean2, var2, weight2))):
             need_input, need_weight, need_bias = needs[3 * i: 3 * i + 3]
             m, v = backward_statistics(ops, x, m, v, ctx.training[i])
-            grad_input, _, grad_weight, grad_bias = bn_backward(
+            grad_input, _, grad_weight, grad_bias = fused_backward(
                 ops, grad_out, mask, x, m, v, w, ctx.bias_dtype[i], ctx.training[i], ctx.eps[i],
-                (need_input, False, need_weight, need_bias),
+                (need_input, False, need_weight, need_bias), composite,
             )
             grads += [grad_input, grad_weight, grad_bias]
         return (*grads, *([None] * 11))

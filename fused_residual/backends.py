@@ -1,7 +1,8 @@
 """Backend registry: which set of primitive ops runs a call, chosen per call and device.
 
-A fused backend is six `torch.library` ops with the same signatures (docs/op_layer.md):
-the extension's `fused_residual::bn_*` and the Triton backend's `fused_residual::triton_bn_*`.
+A fused backend is eight `torch.library` ops with the same signatures (docs/op_layer.md):
+the extension's `fused_residual::bn_*` and the Triton backend's `fused_residual::triton_bn_*`:
+six primitives and two composites of them (the unsynchronized training forward, the backward).
 "reference" is eager PyTorch and "auto" picks the fastest one available for the device.
 Where the chosen backend has no kernel of `bn_dual_apply` (the two-BatchNorm tail) for a
 device (`dual_apply_served`), the two-BatchNorm functional computes the second BatchNorm
@@ -28,8 +29,9 @@ _CHOICES = (*BACKEND_NAMES, "auto")
 
 @dataclass(frozen=True)
 class BackendOps:
-    """One backend's primitive ops, in the order a step calls them: a fused backend's
-    OpOverloads, or the reference's plain-PyTorch functions (`REFERENCE_OPS`)."""
+    """One backend's ops (fused_residual.ops.OP_NAMES): the primitives in the order a step calls
+    them, then the composites; a fused backend's OpOverloads, or the reference's plain-PyTorch
+    functions (`REFERENCE_OPS`)."""
 
     name: str
     stats: Callable
@@ -38,6 +40,8 @@ class BackendOps:
     backward_reduce: Callable
     backward_apply: Callable
     dual_apply: Callable
+    train_forward: Callable
+    backward: Callable
 
 
 # The op layer written in ordinary (differentiable) PyTorch ops. The autograd.Functions run
@@ -50,6 +54,8 @@ REFERENCE_OPS = BackendOps(
     _reference.bn_backward_reduce_reference,
     _reference.bn_backward_apply_reference,
     _reference.bn_dual_apply_reference,
+    _reference.bn_train_forward_reference,
+    _reference.bn_backward_reference,
 )
 
 

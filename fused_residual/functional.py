@@ -13,7 +13,6 @@ from .autograd import (
     FusedBatchNormAddReLU,
     FusedDualBatchNormAddReLU,
     fused_dual_forward,
-    fused_forward,
 )
 from .backends import backend_ops, device_type_of, dual_apply_served, resolve_backend
 from .checks import check_input, check_like, check_like_input, check_per_channel
@@ -138,17 +137,14 @@ def bn_add_relu(
         return FusedBatchNormAddReLU.apply(
             input, residual, weight, bias, running_mean, running_var, training, momentum, eps, name
         )
-    # Inference: the same ops without the autograd node and without writing a mask. In eval
-    # that is one bn_apply on the running statistics (fused_forward's eval path, called
-    # directly: this is the per-call hot path of an inference model).
+    # Inference: the same ops without the autograd node and without writing a mask: in eval
+    # one bn_apply on the running statistics (the per-call hot path of an inference model), in
+    # training one bn_train_forward.
+    ops = backend_ops(name)
     if not training:
-        return backend_ops(name).apply(input, residual, running_mean, running_var, weight, bias, eps,
-                                       False)[0]
-    out, _, _, _ = fused_forward(
-        name, input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
-        save_mask=False,
-    )
-    return out
+        return ops.apply(input, residual, running_mean, running_var, weight, bias, eps, False)[0]
+    return ops.train_forward(input, residual, running_mean, running_var, weight, bias, momentum, eps,
+                             False)[0]
 
 
 def dual_bn_add_relu(

@@ -26,6 +26,8 @@ OP_NAMES = (
     "bn_backward_reduce",
     "bn_backward_apply",
     "bn_dual_apply",
+    "bn_train_forward",
+    "bn_backward",
 )
 
 
@@ -165,6 +167,44 @@ def fake_bn_backward_apply(
     return element_output(need_grad_input), element_output(need_grad_residual)
 
 
+def fake_bn_train_forward(
+    input: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # The running statistics are updated in place: no output of theirs.
+    mean, var = fake_bn_stats(input)
+    out, mask = fake_bn_apply(input, residual, mean, var, weight, bias, eps, save_mask)
+    return out, mask, mean, var
+
+
+def fake_bn_backward(
+    grad_out: Tensor,
+    mask: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    training: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_input, need_residual, need_weight, need_bias = output_mask
+    grad_input, grad_residual = fake_bn_backward_apply(
+        grad_out, mask, input, mean, var, weight, None, None, eps, 1, need_input, need_residual
+    )
+    channels, acc = input.shape[1], acc_dtype(input.dtype)
+    grad_weight, grad_bias = (input.new_empty((channels if needed else 0,), dtype=acc)
+                              for needed in (need_weight, need_bias))
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
 FAKE_KERNELS = {
     "bn_stats": fake_bn_stats,
     "bn_update_running_stats": fake_bn_update_running_stats,
@@ -172,6 +212,8 @@ FAKE_KERNELS = {
     "bn_backward_reduce": fake_bn_backward_reduce,
     "bn_backward_apply": fake_bn_backward_apply,
     "bn_dual_apply": fake_bn_dual_apply,
+    "bn_train_forward": fake_bn_train_forward,
+    "bn_backward": fake_bn_backward,
 }
 
 if EXTENSION_LOADED:

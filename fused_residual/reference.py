@@ -234,3 +234,86 @@ def bn_backward_apply_reference(
         mean_dy_xmu = _bcast(sum_dy_xmu.to(acc) / count)
         grad_input = _bcast(w * invstd) * (dy - mean_dy - xmu * _bcast(invstd * invstd) * mean_dy_xmu)
     return grad_input.to(input.dtype).contiguous(memory_format=layout), grad_residual
+
+
+# --------------------------------------------------------------------------------------
+# The composite ops (docs/op_layer.md): the primitives' steps in one call. `train_forward_steps`
+# and `backward_steps` are the composition itself, shared by the reference below and by the
+# Triton backend (which passes its launchers); the extension's C++ ops
+# (csrc/bn_composite_ops.cpp) make the same calls.
+# --------------------------------------------------------------------------------------
+
+
+def values_per_channel(input: Tensor) -> int:
+    n, _, h, w = input.shape  # one shape read: this runs on every training call
+    return n * h * w
+
+
+def train_forward_steps(stats, update_running_stats, apply, input: Tensor, residual: Tensor | None,
+                        running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                        bias: Tensor | None, momentum: float, eps: float,
+                        save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_train_forward from the primitives: `stats`, `apply` on the batch statistics, then
+    `update_running_stats` (when running statistics are given)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fused_residual: running_mean and running_var must both be given or both be None")
+    mean, var = stats(input)
+    out, mask = apply(input, residual, mean, var, weight, bias, eps, save_mask)
+    # The update last: every argument has passed its op's checks before anything is written.
+    if running_mean is not None:
+        update_running_stats(mean, var, values_per_channel(input), running_mean, running_var, momentum)
+    return out, mask, mean, var
+
+
+def backward_steps(backward_reduce, backward_apply, grad_out: Tensor, mask: Tensor, input: Tensor,
+                   mean: Tensor, var: Tensor, weight: Tensor | None, eps: float, training: bool,
+                   output_mask: tuple[bool, bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_backward from the primitives `backward_reduce` and `backward_apply`: the reduction
+    only where its sums are needed (training grad_input, grad_weight, grad_bias), an output not
+    asked for in `output_mask` an empty (0,) tensor of its dtype."""
+    need_input, need_residual, need_weight, need_bias = output_mask
+    sum_dy = sum_dy_xmu = grad_weight = None
+    if (training and need_input) or need_weight or need_bias:
+        sum_dy, sum_dy_xmu, grad_weight = backward_reduce(grad_out, mask, input, mean, var, eps)
+    if need_input or need_residual:
+        grad_input, grad_residual = backward_apply(
+            grad_out, mask, input, mean, var, weight, sum_dy if training else None,
+            sum_dy_xmu if training else None, eps, values_per_channel(input), need_input, need_residual,
+        )
+    else:  # each output its own tensor, never one shared by two
+        grad_input, grad_residual = input.new_empty((0,)), input.new_empty((0,))
+    acc = acc_dtype(input.dtype)
+    return (grad_input, grad_residual,
+            grad_weight if need_weight else input.new_empty((0,), dtype=acc),
+            sum_dy if need_bias else input.new_empty((0,), dtype=acc))
+
+
+def bn_train_forward_reference(
+    input: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return train_forward_steps(bn_stats_reference, bn_update_running_stats_reference, bn_apply_reference,
+                               input, residual, running_mean, running_var, weight, bias, momentum, eps,
+                               save_mask)
+
+
+def bn_backward_reference(
+    grad_out: Tensor,
+    mask: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    training: bool,
+    output_mask: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward_steps(bn_backward_reduce_reference, bn_backward_apply_reference, grad_out, mask,
+                          input, mean, var, weight, eps, training, output_mask)

@@ -1,9 +1,10 @@
-"""Every primitive op of every fused backend: torch.library.opcheck, and the numerics
-contract of docs/op_layer.md op by op against the pure-PyTorch primitives of
-fused_residual.reference: (a) within the bound derived from the computation
-(tests/bounds.py) of the reference primitive in float64 on the same inputs, (b) the packed
-mask is the backend's own output's signs, (c) bitwise reproducible. Every case draws its
-data from its own seeded generators."""
+"""Every op of every fused backend (the primitives and the two composites):
+torch.library.opcheck, and the numerics contract of docs/op_layer.md op by op against the
+pure-PyTorch primitives of fused_residual.reference: (a) within the bound derived from the
+computation (tests/bounds.py) of the reference primitive in float64 on the same inputs, (b)
+the packed mask is the backend's own output's signs, (c) bitwise reproducible. A composite op
+(bn_train_forward, bn_backward) is held to its backend's primitives composed, bit for bit.
+Every case draws its data from its own seeded generators."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def op_samples(dtype, layout, training):
         x2 = r
     mean2, var2 = R.bn_stats_reference(x2) if training else (rm * 2, rv + 0.5)
     w2, b2 = w.flip(0), b * 3
-    return [
+    samples = [
         ("stats", (x,)),
         ("update_running_stats", (mean, var, count, rm.clone(), rv.clone(), 0.1)),
         ("apply", (x, r, mean, var, w, b, 1e-5, True)),
@@ -66,6 +67,17 @@ def op_samples(dtype, layout, training):
         ("dual_apply", (x, mean, var, w, b, x2, mean2, var2, w2, b2, 1e-5, 1e-3, True)),
         ("dual_apply", (x, mean, var, None, b, x2, mean2, var2, w2, None, 1e-5, 1e-5, False)),
     ]
+    samples += [
+        ("backward", (g, mask, x, mean, var, w, 1e-5, training, (True, True, True, True))),
+        ("backward", (g, mask, x, mean, var, None, 1e-5, training, (True, False, False, True))),
+        ("backward", (g, mask, x, mean, var, w, 1e-5, training, (False, True, False, False))),
+    ]
+    if training:  # bn_train_forward is the training forward; eval runs bn_apply alone
+        samples += [
+            ("train_forward", (x, r, rm.clone(), rv.clone(), w, b, 0.1, 1e-5, True)),
+            ("train_forward", (x, None, None, None, None, b, 0.1, 1e-5, False)),
+        ]
+    return samples
 
 
 LAYOUTS = ["nchw", "channels_last", "strided"]
@@ -91,23 +103,63 @@ def _to64(args):
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+# Ops that update arguments in place: (op, the slice of its arguments that it mutates).
+MUTATED = {"update_running_stats": slice(3, 5), "train_forward": slice(2, 4)}
+
+
+def results(name, args, outputs):
+    """What an op call gives: its outputs, then the arguments it updates in place (running
+    statistics; None when absent)."""
+    outputs = () if outputs is None else tuple(outputs)
+    mutated = MUTATED.get(name)
+    return outputs if mutated is None else outputs + tuple(args[mutated])
+
+
+def check_composite(name, args, got, backend):
+    """A composite op computes nothing of its own (docs/op_layer.md): its results are its
+    backend's primitives' on the same arguments, composed as fused_residual.reference composes
+    them, bit for bit (the primitives themselves are held to the contract by `check_op`)."""
+    ops = backend_ops(backend)
+    want_args = _clone(args)
+    if name == "train_forward":
+        want = R.train_forward_steps(ops.stats, ops.update_running_stats, ops.apply, *want_args)
+    else:
+        want = R.backward_steps(ops.backward_reduce, ops.backward_apply, *want_args)
+    want = results(name, want_args, want)
+    assert len(got) == len(want), name
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        what = f"{name}[{i}]"
+        if w is None:
+            assert g is None, what
+            continue
+        assert (g.shape, g.dtype, g.stride()) == (w.shape, w.dtype, w.stride()), what
+        diff = torch.nonzero(g != w)
+        assert diff.numel() == 0, f"{what}: differs from the composed primitives at {diff[:8]}"
+
+
 def check_op(name, args, got, backend="extension"):
     """The numerics contract, op by op: (a) every floating result within the derived bound of
     the reference primitive in float64 on the same inputs (tests/bounds.py; the reference
     primitive in the op's dtypes is held to it too where it computes in float32/float64, and
     reported); (b) an apply op's mask bit set exactly where its own output is > 0 (bit for
     bit, padding bits 0). Two backends may differ at the ReLU kink, so no mask is compared
-    with another backend's."""
+    with another backend's. `got` is `results`: the outputs, then the arguments updated in
+    place. A composite op: `check_composite`."""
+    if name in ("train_forward", "backward"):
+        return check_composite(name, args, got, backend)
     reference = getattr(R, f"bn_{name}_reference")
     x = args[0] if name != "backward_reduce" and name != "backward_apply" else args[2]
     bounds = primitive_bounds(name, args, store_truncates(backend, x.dtype))
     eager_args, truth_args = _clone(args), _to64(_clone(args))
-    eager, truth = reference(*eager_args), reference(*truth_args)
-    if name == "update_running_stats":  # the mutated arguments are the result (`got`, too)
-        eager, truth = eager_args[3:5], truth_args[3:5]
+    # `got`, like these, is `results`: the outputs, then the arguments updated in place.
+    eager = results(name, eager_args, reference(*eager_args))
+    truth = results(name, truth_args, reference(*truth_args))
     assert isinstance(got, tuple | list) and len(got) == len(truth), name
     for i, (g, e, t) in enumerate(zip(got, eager, truth, strict=True)):
         what = f"{name}[{i}]"
+        if t is None:  # a running statistic not given
+            assert g is None and e is None, what
+            continue
         if t.dtype == torch.uint8:  # the packed mask: (b), against this backend's own output
             out = got[0]
             want = R.pack_mask(out > 0, R.working_layout(x)) if t.numel() else t
@@ -138,8 +190,8 @@ def test_ops_meet_the_numerics_contract(backend, dtype, layout, training):
     ops = backend_ops(backend)
     for name, args in op_samples(dtype, layout, training):
         got_args = _clone(args)
-        got = getattr(ops, name)(*got_args)
-        check_op(name, args, got_args[3:5] if name == "update_running_stats" else got, backend)
+        got = results(name, got_args, getattr(ops, name)(*got_args))
+        check_op(name, args, got, backend)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -149,11 +201,10 @@ def test_ops_are_bitwise_reproducible(backend):
     for layout in ("nchw", "channels_last"):
         for name, args in op_samples(torch.float32, layout, True):
             first, again = _clone(args), _clone(args)
-            a, b = getattr(ops, name)(*first), getattr(ops, name)(*again)
-            if name == "update_running_stats":
-                a, b = first[3:5], again[3:5]
+            a = results(name, first, getattr(ops, name)(*first))
+            b = results(name, again, getattr(ops, name)(*again))
             for i, (t, u) in enumerate(zip(a, b, strict=True)):
-                assert torch.equal(t, u), f"{name}[{i}] ({layout})"
+                assert (t is None and u is None) or torch.equal(t, u), f"{name}[{i}] ({layout})"
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -348,6 +348,8 @@ def _opcheck_cases():
         "triton_bn_backward_reduce": (x, mask, x, m, v, EPS),
         "triton_bn_backward_apply": (x, mask, x, m, v, w, m, v, EPS, 40, True, True),
         "triton_bn_dual_apply": (x, m, v, w, None, x.contiguous(), v, m.abs(), None, w, EPS, 1e-3, True),
+        "triton_bn_train_forward": (x, x.contiguous(), m.clone(), v.clone(), w, None, 0.1, EPS, True),
+        "triton_bn_backward": (x, mask, x, m, v, w, EPS, True, (True, True, True, False)),
     }
 
 

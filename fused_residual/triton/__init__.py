@@ -1,6 +1,6 @@
 """Triton backend of the op layer (docs/op_layer.md).
 
-Importing this package registers six `torch.library.triton_op`s with the same schemas as
+Importing this package registers eight `torch.library.triton_op`s with the same schemas as
 the extension's ops (csrc/ops.cpp):
 
     torch.ops.fused_residual.triton_bn_stats
@@ -9,8 +9,11 @@ the extension's ops (csrc/ops.cpp):
     torch.ops.fused_residual.triton_bn_backward_reduce
     torch.ops.fused_residual.triton_bn_backward_apply
     torch.ops.fused_residual.triton_bn_dual_apply
+    torch.ops.fused_residual.triton_bn_train_forward   (composite of the launchers)
+    torch.ops.fused_residual.triton_bn_backward        (composite of the launchers)
 
-Kernels live in `stats.py`, `apply.py` (bn_apply and bn_dual_apply) and `backward.py`;
+Kernels live in `stats.py`, `apply.py` (bn_apply and bn_dual_apply) and `backward.py`, the
+two composites in `composite.py`;
 shared geometry and launch heuristics in `_common.py`, jit helpers in `_jit.py`, registration
 and launching in `_launch.py`. When Triton cannot be imported nothing is registered and
 `TRITON_AVAILABLE` is False. With `TRITON_INTERPRET=1` set before Triton is imported, the
@@ -36,7 +39,7 @@ else:
     TRITON_AVAILABLE = True
 
 if TRITON_AVAILABLE:
-    from . import apply, backward, stats  # noqa: F401  (registers the ops)
+    from . import apply, backward, composite, stats  # noqa: F401  (registers the ops)
 
 OP_NAMES = (
     "triton_bn_stats",
@@ -45,6 +48,8 @@ OP_NAMES = (
     "triton_bn_backward_reduce",
     "triton_bn_backward_apply",
     "triton_bn_dual_apply",
+    "triton_bn_train_forward",
+    "triton_bn_backward",
 )
 
 
