@@ -122,11 +122,11 @@ class Planner:
         with g.inserting_before(anchor):
             call = g.call_function(target, (m1, v1) if m2 is None else (m1, v1, m2, v2), kwargs)
         vm[site.relu].replace_all_uses_with(call)
-        dead = [site.relu, *reversed(site.between), site.add, site.main.node,
-                None if site.other is None else site.other.node]
-        for node in dead:
-            if node is not None:
-                g.erase_node(vm[node])
+        dead = {vm[n] for n in (site.relu, *site.between, site.add, site.main.node,
+                                None if site.other is None else site.other.node) if n is not None}
+        for node in reversed(g.nodes):  # users first
+            if node in dead:
+                g.erase_node(node)
 
     # ----------------------------------------------------------------------------------------
 

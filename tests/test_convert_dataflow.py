@@ -415,3 +415,302 @@ def test_batchnorm3d_video_model_fuses_nothing():
     x = torch.randn(1, 3, 4, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), original(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Every way to write the ReLU and the add
+# --------------------------------------------------------------------------------------------
+
+RELUS = {
+    "nn.ReLU": lambda m, y: m.relu(y),
+    "nn.ReLU(inplace)": lambda m, y: m.relu_inplace(y),
+    "F.relu": lambda m, y: F.relu(y),
+    "F.relu(inplace)": lambda m, y: F.relu(y, inplace=True),
+    "F.relu_": lambda m, y: F.relu_(y),
+    "torch.relu": lambda m, y: torch.relu(y),
+    "torch.relu_": lambda m, y: torch.relu_(y),
+    "Tensor.relu": lambda m, y: y.relu(),
+    "Tensor.relu_": lambda m, y: y.relu_(),
+}
+
+
+def _iadd(y, r):
+    y += r
+    return y
+
+
+ADDS = {
+    "y + r": lambda y, r: y + r,
+    "r + y": lambda y, r: r + y,
+    "y += r": _iadd,
+    "torch.add(y, r)": lambda y, r: torch.add(y, r),
+    "torch.add(r, y)": lambda y, r: torch.add(r, y),
+    "torch.add(alpha=1)": lambda y, r: torch.add(y, r, alpha=1),
+    "y.add(r)": lambda y, r: y.add(r),
+    "r.add(y)": lambda y, r: r.add(y),
+    "y.add_(r)": lambda y, r: y.add_(r),
+}
+
+
+class Written(nn.Module):
+    """conv → BN [→ nn.Identity] [→ add(residual)] → ReLU, written one of the ways above."""
+
+    def __init__(self, relu: str, add: str | None, identity: bool = False, dual: bool = False) -> None:
+        super().__init__()
+        self.relu_form, self.add_form, self.dual = RELUS[relu], ADDS[add] if add else None, dual
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gap = nn.Identity() if identity else None
+        self.short = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)) if dual else nn.Conv2d(4, 4, 1)
+        self.relu, self.relu_inplace = nn.ReLU(), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.gap is not None:
+            y = self.gap(y)
+        if self.add_form is not None:
+            y = self.add_form(y, self.short(x))
+        return self.relu_form(self, y)
+
+
+def check_written(model: nn.Module, norms: int) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(model).double()
+    original = copy.deepcopy(model)
+    fused_residual.convert(model, backend=BACKEND)
+    report = fused_residual.convert_report(model)
+    assert (report.fused, report.fused_norms, report.left) == (1, norms, 0), str(report)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for training in (True, False):
+        assert_same_step(step(model, x, training), step(original, x, training))
+
+
+@pytest.mark.parametrize("relu", list(RELUS))
+def test_every_relu(relu):
+    check_written(Written(relu, None), norms=1)
+    check_written(Written(relu, "y += r", identity=True), norms=1)
+
+
+@pytest.mark.parametrize("add", list(ADDS))
+def test_every_add(add):
+    check_written(Written("F.relu", add), norms=1)
+    check_written(Written("nn.ReLU(inplace)", add, identity=True, dual=True), norms=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Decided at each call: shapes, dtypes, hooks and modules changed after convert()
+# --------------------------------------------------------------------------------------------
+
+
+class Broadcast(nn.Module):
+    """BN → add → ReLU whose residual broadcasts (computed: the graph cannot tell), or has
+    another dtype (an out-of-place add promotes)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        r = x.mean((2, 3), keepdim=True) if self.kind == "broadcast" else x.float()
+        return F.relu(self.bn(self.conv(x)) + r)
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "dtype"])
+def test_shapes_and_dtypes_are_checked_at_each_call(kind):
+    """The fused forward runs the original computation where the residual's shape or (out of
+    place) dtype differ: bitwise the original's results, no fused op."""
+    torch.manual_seed(0)
+    model = randomize_norms(Broadcast(kind)).double()
+    original = copy.deepcopy(model)
+    fused_residual.convert(model, backend=BACKEND)
+    assert fused_residual.convert_report(model).fused == 1
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    counter = FusedOpCounter()
+    for training in (True, False):
+        with counter:
+            got = step(model, x, training)
+        want = step(original, x, training)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
+    assert counter.applies == 0
+
+
+def test_hooks_and_modules_changed_after_convert():
+    """A hook registered after convert() on a module the fused forward does not call (a
+    shortcut Sequential, the norm it ends in) makes that pattern run as the original does, so
+    the hook fires on the value it always saw; a norm replaced by another module is called."""
+    torch.manual_seed(0)
+    original = randomize_norms(CifarBlock(4, 8, stride=2)).double()
+    model = fused_residual.convert(copy.deepcopy(original), backend=BACKEND)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    seen, want_seen = {}, {}
+    for m, store in ((model, seen), (original, want_seen)):
+        for name in ("shortcut", "shortcut.1"):
+            m.get_submodule(name).register_forward_hook(lambda mod, i, o, name=name, store=store:
+                                                        store.__setitem__(name, o.detach().clone()))
+    counter = FusedOpCounter()
+    with counter:
+        got = step(model, x, True)
+    assert_same_step(got, step(original, x, True))
+    assert seen.keys() == want_seen.keys() == {"shortcut", "shortcut.1"}
+    for name in seen:
+        assert_close(name, seen[name], want_seen[name])
+    assert counter.applies == 2  # bn1 + relu, and bn2 + add + relu with the shortcut as a residual
+    model.bn2 = original.bn2 = nn.Identity()
+    model.eval(), original.eval()
+    with torch.no_grad():
+        assert_close("output", model(x), original(x))
+
+
+class Gated(nn.Module):
+    """A forward with data-dependent control flow (does not trace) around blocks that do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(CifarBlock(4, 4), CifarBlock(4, 8, 2))
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > 0 else self.body(-x)
+
+
+class ModeDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(4, 4, 1), nn.ReLU()
+        self.bn, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))  # a fold: the forward is kept
+        y = self.bn2(y) + (x if self.training else 2 * x)
+        return F.relu(y)
+
+
+def test_untraced_parents_and_mode_dependent_forwards():
+    torch.manual_seed(0)
+    model = fused_residual.convert(Gated(), backend=BACKEND)
+    report = fused_residual.convert_report(model)
+    assert (report.fused_norms, report.left) == (5, 0)
+    assert report.untraced == [("", "Gated", "TraceError: symbolically traced variables cannot be used as "
+                                             "inputs to control flow")]
+    mode = fused_residual.convert(ModeDependent(), backend=BACKEND)
+    report = fused_residual.convert_report(mode)
+    assert type(mode) is ModeDependent and report.fused == 1
+    assert "bn2: the forward that calls it reads self.training" in str(report)
+
+
+def test_convert_twice_changes_nothing_but_the_backend():
+    torch.manual_seed(0)
+    model = fused_residual.convert(CifarResNet(), backend=BACKEND)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    report = str(fused_residual.convert_report(model))
+    fused_residual.convert(model, backend=BACKEND)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert str(fused_residual.convert_report(model)) == report
+    fused_residual.convert(model, backend="reference")
+    assert model.bn1.backend == model.layers[0].bn2.backend == "reference"
+    assert type(model.layers[0]) is not classes["layers.0"]  # its call sites hold the backend
+
+
+# --------------------------------------------------------------------------------------------
+# A converted model elsewhere: a fresh process, torch.fx, torch.export, torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_hf(transformers) -> nn.Module:
+    """A two-stage Hugging Face ResNet: folds, tails through `self.layer`, a dual tail."""
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], num_labels=10)
+    return randomize_norms(transformers.ResNetForImageClassification(config)).to(DEVICE)
+
+
+def test_torch_save_load_in_a_fresh_process(tmp_path):
+    """Rewritten forwards are rebuilt from their pickled programs in a process that has not
+    converted anything: the same classes, bitwise the same outputs."""
+    import subprocess
+    import sys
+
+    from torchvision.models.regnet import BlockParams, RegNet
+
+    torch.manual_seed(0)
+    params = BlockParams.from_init_params(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
+    regnet = RegNet(params)
+    models = [fused_residual.convert(randomize_norms(m).eval(), backend=BACKEND)
+              for m in (CifarResNet(), regnet, ResidualBlock(3, 8))]
+    x = x64(32)
+    with torch.no_grad():
+        want = [primary(m(x)) for m in models]
+    path = tmp_path / "models.pt"
+    torch.save({"models": models, "x": x, "want": want, "types": [[type(s).__name__ for s in m.modules()]
+                                                                  for m in models]}, path)
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from test_convert_dataflow import primary;"
+        "d = torch.load(sys.argv[1], weights_only=False);"
+        "assert [[type(s).__name__ for s in m.modules()] for m in d['models']] == d['types'];"
+        "assert all(torch.equal(primary(m(d['x'])), w) for m, w in zip(d['models'], d['want']));"
+        "print('loaded ok')"
+    )
+    import os
+
+    done = subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "loaded ok" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_trace_and_export(training):
+    """torch.fx records one call per fused op through the call sites and the children's
+    forwards up to their norm; torch.export keeps the fused ops; both compute what the
+    converted model does."""
+    transformers = pytest.importorskip("transformers")
+    model = fused_residual.convert(tiny_hf(transformers), backend=BACKEND).train(training)
+    x = x64(32).to(DEVICE)
+    stage = model.resnet.encoder.stages[1]  # (Hugging Face's top-level forward does not trace)
+    gm = torch.fx.symbolic_trace(copy.deepcopy(stage))
+    targets = " ".join(str(n.target) for n in gm.graph.nodes)
+    assert targets.count("fused_norm_forward") == 2 * 2 + 1 and targets.count("fused_dual_forward") == 1
+    h = torch.relu(torch.randn(2, 16, 8, 8, device=DEVICE))
+    with torch.no_grad():
+        assert torch.equal(gm(h), copy.deepcopy(stage)(h))
+    exported = torch.export.export(copy.deepcopy(model), (x,))
+    assert "fused_residual.bn_dual_apply" in exported.graph_module.code or BACKEND == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x).logits, copy.deepcopy(model)(x).logits, rtol=1e-6,
+                                   atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND == "reference", reason="no compiled fused backend here")
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the call sites, the children's forwards up to
+    their norm and the folded ReLUs without a graph break (fullgraph raises), forward and
+    backward, with the fused ops in the graphs and the eager converted model's values."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    transformers = pytest.importorskip("transformers")
+    model = fused_residual.convert(tiny_hf(transformers), backend=BACKEND).train()
+    eager = copy.deepcopy(model)
+    graphs: list[str] = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = x64(32).to(DEVICE)
+    out, want = compiled(x).logits, eager(x).logits
+    out.sum().backward()
+    want.sum().backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    forward = graphs[0]
+    # The stem, 3 blocks of 2 folds and a tail, 2 of the tails dual.
+    assert forward.count("bn_apply.default") == 1 + 3 * 2 + 3 - 2
+    assert forward.count("bn_dual_apply.default") == 2
+    assert "batch_norm" not in forward
