@@ -179,7 +179,7 @@ def convert(model: nn.Module, *, backend: str = "auto", verbose: bool = False) -
             found = f"{report.left} BatchNorm layers, none fusable ({'; '.join(reasons[:3])})"
         else:
             kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
-            found = f"no BatchNorm layers ({'norm layers: ' + ', '.join(kinds) if kinds else 'none'})"
+            found = f"no BatchNorm layer to fuse (norm layers: {', '.join(kinds) if kinds else 'none'})"
         warnings.warn(f"fused_residual.convert fused nothing in {report.model}: {found}; "
                       f"fused_residual.convert_report(model) lists why", RuntimeWarning, stacklevel=2)
     return model

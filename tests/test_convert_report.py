@@ -69,7 +69,7 @@ def test_convert_verbose_prints_the_report_and_fuses_what_it_says(capsys):
 
 def test_nothing_fused_warns_once_and_verbose_does_not_warn(capsys):
     model = tv.models.resnet18(norm_layer=lambda c: nn.GroupNorm(2, c))
-    with pytest.warns(RuntimeWarning, match=r"fused nothing in ResNet: no BatchNorm layers \(norm "
+    with pytest.warns(RuntimeWarning, match=r"fused nothing in ResNet: no BatchNorm layer to fuse \(norm "
                                              r"layers: GroupNorm\)") as record:
         fused_residual.convert(copy.deepcopy(model))
     assert len([w for w in record if "fused_residual" in str(w.message)]) == 1
