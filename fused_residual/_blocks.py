@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _norms
-from ._programs import Program, base_class
+from ._programs import Program
 from .distributed.functional import sync_dual_bn_add_relu
 from .functional import dual_bn_add_relu
-from .modules import NormState, check_4d, norm_call_args
+from .modules import FusedNorm, NormState, check_4d, norm_call_args
 
 
 @torch.fx.wrap
@@ -74,31 +74,17 @@ def resolve(module: nn.Module, path: tuple[str, ...]) -> Any:
     return module
 
 
-def _proxy(*values: object) -> bool:
-    return any(isinstance(v, torch.fx.Proxy) for v in values)
-
-
-def _is_4d(x: object) -> bool:
-    return _proxy(x) or (isinstance(x, Tensor) and x.dim() == 4)
-
-
-def _layout_ok(x: Tensor, residual: object, out_of_place: bool) -> bool:
-    """Whether relu(norm(x) + residual) fused computes what the add does: a 4-D input, a
-    residual tensor of the same shape and device, and of the same dtype when the add is out
-    of place (in place, `y += residual` casts to y's dtype, as the fused op does)."""
-    if _proxy(x, residual):
-        return True
-    return (isinstance(residual, Tensor) and x.dim() == 4 and residual.shape == x.shape
-            and residual.device == x.device
-            and (residual.dtype == x.dtype or (not out_of_place and residual.is_floating_point())))
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _plain_output(norm: nn.Module, x: Tensor) -> Tensor:
     """What the norm computed in the original model. A norm whose class convert() swapped
     applies the ReLU when called, so its plain class's forward runs (its hooks do not fire:
     the one case in which a hook registered after convert() is skipped)."""
-    if _norms.is_fused(norm):
-        return _norms.kind_of(norm).plain.forward(norm, x)
+    kind = _norms.kind_of(norm)
+    if kind is not None and type(norm) is kind.fused:
+        return kind.plain.forward(norm, x)
     return norm(x)
 
 
@@ -107,7 +93,8 @@ class BranchCall:
     """Called where the original forward called a child module whose output is a norm's
     output (at `path` below it): returns (True, the norm's input), computed by `prefix` (the
     child's forward up to the norm), or (False, the child's output) when a module on the path
-    has hooks or the norm is no longer a plain norm of a kind convert() fuses."""
+    has hooks or is no longer of the class it was, or the norm is no longer a plain norm of a
+    kind convert() fuses."""
 
     path: tuple[str, ...]
     prefix: Program
@@ -117,13 +104,18 @@ class BranchCall:
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
         for path, cls in self.guarded:
-            m = resolve(module, path)
-            if m is None or base_class(type(m)) is not cls or _norms.has_hooks(m):
+            m = module
+            for name in path:
+                m = getattr(m, name, None)
+            if not isinstance(m, cls) or _hooked(m):
                 return False, module(*args, **kwargs)
-        norm = resolve(module, self.path)
-        if _norms.plain_kind(norm) is None or _norms.has_hooks(norm):
+        norm = module
+        for name in self.path:
+            norm = getattr(norm, name, None)
+        kind = _norms.kind_of(norm)
+        if kind is None or type(norm) is not kind.plain or _hooked(norm):
             return False, module(*args, **kwargs)
-        return True, self.prefix(module, *args, **kwargs)
+        return True, self.prefix.fn(module, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> BranchCall:
         return self
@@ -146,10 +138,10 @@ class Site:
 
     def __call__(self, m: nn.Module, v: Any, m2: nn.Module | None = None, v2: Any = None,
                  residual: Any = None) -> Tensor:
-        norm, x = self._branch(self.path, m, v)
+        norm, x = _branch(self.path, m, v)
         if self.path2 is not None:
-            norm2, x2 = self._branch(self.path2, m2, v2)
-            if norm is not None and norm2 is not None and self._dual_ok(norm, x, norm2, x2):
+            norm2, x2 = _branch(self.path2, m2, v2)
+            if norm is not None and norm2 is not None and _dual_ok(norm, x, norm2, x2):
                 kind = _norms.kind_of(norm)
                 group = norm.process_group if kind.synchronized else None
                 return fused_dual_forward(x, x2, kind.state(norm), _norms.norm_state(norm2), self.backend,
@@ -157,31 +149,26 @@ class Site:
             residual = x2 if norm2 is None else norm2(x2)  # norm2 stays plain: a module call
         if norm is None:  # the child ran as a module: x is the norm's output
             return self._unfused(x, residual)
-        if _is_4d(x) if residual is None else _layout_ok(x, residual, self.out_of_place):
-            if _norms.is_fused(norm):
+        kind = _norms.kind_of(norm)
+        if kind is not None and self._layout_ok(x, residual):
+            if type(norm) is kind.fused:
                 return norm(x) if residual is None else norm(x, residual)
-            kind = _norms.plain_kind(norm)
-            if kind is not None and not _norms.has_hooks(norm):
+            if not _hooked(norm):
                 return kind.fused.run(norm, x, residual, self.backend)
         return self._unfused(_plain_output(norm, x), residual)
 
-    @staticmethod
-    def _branch(path: tuple[str, ...], m: nn.Module, v: Any) -> tuple[nn.Module | None, Any]:
-        """(norm, its input), or (None, the norm's output) for a child that ran as a module."""
-        if not path:
-            return m, v
-        ready, value = v
-        return (resolve(m, path), value) if ready else (None, value)
-
-    @staticmethod
-    def _dual_ok(norm: nn.Module, x: Any, norm2: nn.Module, x2: Any) -> bool:
-        if _norms.kind_of(norm) is None or _norms.has_hooks(norm) or _norms.plain_kind(norm2) is None \
-                or _norms.has_hooks(norm2) or not _norms.dual_compatible(norm, norm2):
-            return False
-        if _proxy(x, x2):
+    def _layout_ok(self, x: Any, residual: Any) -> bool:
+        """Whether the fused op computes what the original does with these tensors: a 4-D
+        input, and a residual (if any) of its shape and device, and of its dtype when the add is
+        out of place (in place, `y += residual` casts to y's dtype, as the fused op does). Under
+        torch.fx the shapes are unknown: see the module doc."""
+        if isinstance(x, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
             return True
-        return (isinstance(x, Tensor) and isinstance(x2, Tensor) and x.dim() == 4 and x2.shape == x.shape
-                and x2.dtype == x.dtype and x2.device == x.device)
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            return False
+        return residual is None or (
+            isinstance(residual, Tensor) and residual.shape == x.shape and residual.device == x.device
+            and (residual.dtype == x.dtype or (not self.out_of_place and residual.is_floating_point())))
 
     def _unfused(self, y: Tensor, residual: Any) -> Tensor:
         if residual is not None:
@@ -190,6 +177,29 @@ class Site:
 
     def __deepcopy__(self, memo: dict) -> Site:
         return self
+
+
+def _branch(path: tuple[str, ...], m: nn.Module, v: Any) -> tuple[nn.Module | None, Any]:
+    """(norm, its input), or (None, the norm's output) for a child that ran as a module."""
+    if not path:
+        return m, v
+    ready, value = v
+    if not ready:
+        return None, value
+    for name in path:
+        m = getattr(m, name, None)
+    return m, value
+
+
+def _dual_ok(norm: nn.Module, x: Any, norm2: nn.Module, x2: Any) -> bool:
+    kind, kind2 = _norms.kind_of(norm), _norms.kind_of(norm2)
+    if kind is None or kind2 is None or type(norm2) is not kind2.plain or _hooked(norm) or _hooked(norm2) \
+            or not _norms.dual_compatible(norm, norm2):
+        return False
+    if isinstance(x, torch.fx.Proxy) or isinstance(x2, torch.fx.Proxy):
+        return True
+    return (isinstance(x, Tensor) and isinstance(x2, Tensor) and x.dim() == 4 and x2.shape == x.shape
+            and x2.dtype == x.dtype and x2.device == x.device)
 
 
 class FoldedReLU(nn.ReLU):
@@ -215,7 +225,10 @@ class FoldedReLU(nn.ReLU):
         return norm
 
     def forward(self, input: Tensor) -> Tensor:
-        if _norms.is_fused(resolve(self._container, tuple(self.norm.split(".")))):
+        norm = self._container
+        for name in self.norm.split("."):
+            norm = getattr(norm, name, None)
+        if isinstance(norm, FusedNorm):
             return input
         return F.relu(input, inplace=self.inplace)
 

@@ -31,6 +31,7 @@ class NormKind:
 
 
 _KINDS: list[NormKind] = []
+_BY_CLASS: dict[type, NormKind] = {}  # plain and fused class -> kind (one lookup per call)
 _FROZEN: list[type] = []  # torchvision's FrozenBatchNorm2d, when torchvision is installed
 
 
@@ -48,23 +49,21 @@ def norm_kinds() -> tuple[NormKind, ...]:
             kinds.append(NormKind(FrozenBatchNorm2d, FrozenBatchNormAddReLU2d, frozen_batch_norm_state))
             _FROZEN.append(FrozenBatchNorm2d)
         _KINDS.extend(kinds)
+        _BY_CLASS.update({cls: kind for kind in kinds for cls in (kind.plain, kind.fused)})
     return tuple(_KINDS)
 
 
 def kind_of(module: object) -> NormKind | None:
     """The kind of a norm of a kind convert() fuses, plain or fused; None otherwise."""
-    for kind in norm_kinds():
-        if type(module) is kind.plain or type(module) is kind.fused:
-            return kind
-    return None
+    if not _BY_CLASS:
+        norm_kinds()
+    return _BY_CLASS.get(type(module))
 
 
 def plain_kind(module: object) -> NormKind | None:
     """The kind of a plain norm (its exact class is the kind's plain class)."""
-    for kind in norm_kinds():
-        if type(module) is kind.plain:
-            return kind
-    return None
+    kind = kind_of(module)
+    return kind if kind is not None and type(module) is kind.plain else None
 
 
 def is_fused(module: object) -> bool:
