@@ -61,6 +61,38 @@ else:
     # noisy (fresh 25 MB buffers page-fault, glibc's mmap threshold moves): more timed time.
     SESSION_BUDGET_S, CASE_BUDGET_S, MIN_ROUNDS, MAX_ROUNDS, WARMUP = 1800.0, 1.0, 15, 100, 3
 
+# glibc's malloc, as configured by default, hands buffers above its mmap threshold back to the
+# kernel when they are freed (munmap, or trimming the heap top), so that the next buffer of
+# the same size is mapped afresh and page-faults on first touch: about 4 KiB per fault, 0.5-2
+# µs each. Which provider pays depends on its sequence of allocations and frees, not on its
+# kernels: measured for FusedResidualBlock's eval forward, 8x64x28x28 float32 channels_last
+# (2-core machine, 100 calls after 10 warm-up calls, each path in its own process), eager
+# 1144 minor faults per call and fused 1505 (fewer buffers live at once let the heap top be
+# trimmed more often), about 1 ms of a ~8 ms call: the fused block's eval forward ran slower
+# than eager's (issue 21). With the thresholds below (what MALLOC_MMAP_THRESHOLD_=33554432
+# MALLOC_TRIM_THRESHOLD_=1073741824 in the environment would set) freed memory is kept and
+# reused: 4 and 0 faults per call. Every provider runs under the same setting; buffers above
+# 32 MiB (glibc's largest threshold) are still mapped per allocation, for every provider.
+# PyTorch's CPU performance guidance (jemalloc or tcmalloc instead of glibc's malloc) is for the
+# same effect. FUSED_RESIDUAL_BENCH_MALLOC=default keeps glibc's defaults.
+MALLOC_SETTING = "glibc malloc defaults"
+
+
+def keep_freed_memory() -> str:
+    """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB (see above);
+    returns what the session runs with, for the results' machine info."""
+    global MALLOC_SETTING
+    if os.environ.get("FUSED_RESIDUAL_BENCH_MALLOC") == "default" or not platform.libc_ver()[0] == "glibc":
+        return MALLOC_SETTING
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    if libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+        MALLOC_SETTING = "glibc malloc, mmap threshold 32 MiB, trim threshold 1 GiB"
+    return MALLOC_SETTING
+
+
 # One set of options for every torch.compile provider: no graph break may hide eager code
 # (fullgraph), and shapes are specialised per case as a user's static-shape model is.
 COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False}
@@ -145,12 +177,12 @@ def rounds_for(seconds_per_round: float) -> int:
 
 
 def time_case(benchmark, fn: Callable[[], object], compiled: bool = False,
-              before_timing: Callable[[], object] | None = None) -> dict:
-    """Warm `fn` up, then time it with `benchmark` for `rounds_for` rounds (one call each; `fn`
-    synchronises the device itself). A compiled baseline must compile in its warm-up and may
-    not recompile while timed. `before_timing` runs between the two (e.g. resetting a peak
-    memory counter). Returns extra_info with the first call's seconds (compile and JIT
-    included)."""
+              before_timing: Callable[[], object] | None = None, iterations: int = 1) -> dict:
+    """Warm `fn` up, then time it with `benchmark` for `rounds_for` rounds (`iterations` calls
+    each, reported per call; `fn` synchronises the device itself). A compiled baseline must
+    compile in its warm-up and may not recompile while timed. `before_timing` runs between
+    the two (e.g. resetting a peak memory counter). Returns extra_info with the first call's
+    seconds (compile and JIT included)."""
     disabled = getattr(benchmark, "disabled", False)
     warm_times = []
     with strict_compile(timing=False) if compiled else contextlib.nullcontext():
@@ -163,11 +195,11 @@ def time_case(benchmark, fn: Callable[[], object], compiled: bool = False,
             raise RuntimeError("torch.compile baseline compiled no graph in its warm-up: its timings "
                                "would be eager code")
     per_round = statistics.median(warm_times[1:]) if len(warm_times) > 1 else warm_times[0]
-    rounds = rounds_for(per_round)
+    rounds = rounds_for(per_round * iterations)
     if before_timing is not None:
         before_timing()
     with strict_compile(timing=True) if compiled else contextlib.nullcontext():
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=iterations)
     return {"first_call_s": round(warm_times[0], 3)}
 
 

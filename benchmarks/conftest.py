@@ -15,6 +15,7 @@ from bench_common import (
     SESSION_BUDGET_S,
     device_name,
     fill_speedups,
+    keep_freed_memory,
     measure_copy_bandwidth,
     summary_lines,
 )
@@ -39,6 +40,7 @@ def pytest_configure(config):
 
 def pytest_sessionstart(session):
     SESSION["start"] = time.perf_counter()
+    keep_freed_memory()  # the allocator setting every provider runs under (bench_common)
 
 
 @pytest.fixture(scope="session")
@@ -103,4 +105,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch": torch.__version__,
         "triton": triton_version,
         "copy_GBps": round(COPY["GBps"], 1) if "GBps" in COPY else None,
+        "malloc": keep_freed_memory(),
     }

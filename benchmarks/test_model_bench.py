@@ -58,6 +58,63 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+# --------------------------------------------------------------------------------------------
+# The whole-step bound (issue 21): what convert() can save at most. One profiled step per
+# eager provider (torch.profiler, CPU ops, self time), after the timed rounds:
+# - eager: the share of the step's op time spent in the parts convert() replaces, the
+#   BatchNorms (forward and backward), the ReLUs (forward and backward) and the residual adds
+#   (in-place adds of 4-D tensors: not the optimizer's or num_batches_tracked's);
+# - eager+convert: the share spent in the fused ops (fused_residual::*).
+# scripts/bench_report.py turns them into the bound: eager's step with those parts at the
+# fused kernels' measured speed, bound = E * (1 - replaced_share) + C * fused_share (E, C: the
+# eager and eager+convert step medians), and the part of the achievable gain (E - bound) that
+# eager+convert reaches, (E - C) / (E - bound).
+# --------------------------------------------------------------------------------------------
+
+REPLACED_OPS = {
+    # forward
+    "aten::batch_norm", "aten::_batch_norm_impl_index", "aten::native_batch_norm",
+    "aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_", "aten::threshold_",
+    # backward
+    "NativeBatchNormBackward0", "aten::native_batch_norm_backward",
+    "ReluBackward0", "ThresholdBackward0", "aten::threshold_backward", "AddBackward0",
+}
+FUSED_OP_PREFIX = "fused_residual::"
+
+
+def _in_optimizer(event) -> bool:
+    """Whether a profiler event ran inside the optimizer's step (torch labels it
+    "Optimizer.step#SGD.step"): its in-place adds on 4-D conv weights are no residual adds."""
+    while event is not None:
+        if event.name.startswith("Optimizer."):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def _profile_shares(step) -> dict:
+    """Per-step shares of the profiled step's op time (self CPU time, one profiled step after a
+    warm one): replaced (the parts convert() replaces, see REPLACED_OPS; in a converted model
+    what is left of them, about 0) and fused (the fused ops and their autograd nodes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    total = replaced = fused = 0.0
+    for event in prof.events():
+        ms = event.self_cpu_time_total / 1e3
+        total += ms
+        name = event.name
+        if name.startswith((FUSED_OP_PREFIX, "FusedBatchNormAddReLU", "FusedDualBatchNormAddReLU")):
+            fused += ms
+        elif name in REPLACED_OPS or (name == "aten::add_" and event.input_shapes
+                                      and len(event.input_shapes[0]) == 4 and not _in_optimizer(event)):
+            replaced += ms
+    return {"profiled_ms": round(total, 3), "replaced_share": round(replaced / total, 4),
+            "fused_share": round(fused / total, 4)}
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_resnet50_train_step(benchmark, provider):
     torch.manual_seed(0)
@@ -97,8 +154,11 @@ def test_resnet50_train_step(benchmark, provider):
         with torch.autocast(**autocast):
             extra["saved_MB"] = round(_saved_bytes(model, x) / 2**20, 1)
     stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
+    timed = stats is not None and getattr(stats, "stats", None) is not None
+    if timed:
         extra["images_per_s"] = round(BATCH / stats.stats.median, 1)
+    if provider in ("eager", "eager+convert") and (timed or DEVICE == "cpu"):
+        extra.update(_profile_shares(step))  # the whole-step bound's inputs (see above)
     record(CASE, provider, benchmark, extra)
 
 

@@ -25,7 +25,7 @@ they depend on it. Autograd then differentiates that backward like any other gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +35,8 @@ from .reference import bn_stats_reference, working_layout
 
 
 def values_per_channel(input: Tensor) -> int:
-    return input.shape[0] * input.shape[2] * input.shape[3]
+    n, _, h, w = input.shape  # one shape read: this runs on every training call
+    return n * h * w
 
 
 def batch_statistics(
@@ -82,9 +83,9 @@ def fused_forward(
     return out, mask, mean, var
 
 
-@dataclass(frozen=True)
-class BatchNormArgs:
-    """One BatchNorm's tensors and options, as F.batch_norm takes them."""
+class BatchNormArgs(NamedTuple):
+    """One BatchNorm's tensors and options, as F.batch_norm takes them. A NamedTuple: built on
+    every module call, where a frozen dataclass's __init__ costs a microsecond."""
 
     running_mean: Tensor | None
     running_var: Tensor | None
@@ -140,9 +141,14 @@ def bn_backward(
             sum_dy_xmu if training else None,
             eps, values_per_channel(input), need_input, need_residual,
         )
-    grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+    # The reductions are in acc; a parameter of another dtype (a half model) gets its own.
+    # (Compared first: `.to` is a dispatcher call even when it returns its input.)
+    if need_weight:
+        grad_weight = grad_weight if grad_weight.dtype == weight.dtype else grad_weight.to(weight.dtype)
+    else:
+        grad_weight = None
     if need_bias:
-        grad_bias = sum_dy.to(bias_dtype)
+        grad_bias = sum_dy if sum_dy.dtype == bias_dtype else sum_dy.to(bias_dtype)
     return (
         grad_input if need_input else None,
         grad_residual if need_residual else None,
@@ -188,20 +194,19 @@ class FusedBatchNormAddReLU(torch.autograd.Function):
             training, momentum, eps, save_mask=True,
         )
         ctx.save_for_backward(input, mask, mean, var, weight)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.ops_name = ops_name
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # One attribute (each ctx attribute set and read is a dict operation on every call).
+        ctx.options = (training, eps, ops_name, bias.dtype if bias is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         input, mask, mean, var, weight = ctx.saved_tensors
-        ops = backward_ops(ctx.ops_name)
-        mean, var = backward_statistics(ops, input, mean, var, ctx.training)
+        training, eps, ops_name, bias_dtype = ctx.options
+        ops = backward_ops(ops_name)
+        mean, var = backward_statistics(ops, input, mean, var, training)
         grads = bn_backward(
-            ops, grad_out, mask, input, mean, var, weight, ctx.bias_dtype,
-            ctx.training, ctx.eps, tuple(ctx.needs_input_grad[:4]),
+            ops, grad_out, mask, input, mean, var, weight, bias_dtype, training, eps,
+            ctx.needs_input_grad[:4],
         )
         return (*grads, None, None, None, None, None, None)
 

@@ -67,8 +67,18 @@ def assume_constant_result(fn: Callable) -> Callable:
     return fn
 
 
+# Per-call host time matters (issue 21: on a GPU, small-batch steps are launch-bound), so what
+# cannot change within a process is looked up once: each fused backend's OpOverloads (the op
+# registrations are made at import and never removed) and the extension's availability per
+# device type (fixed once `fused_residual.ops` has loaded, or failed to load, `_C`).
+_BACKEND_OPS: dict[str, BackendOps] = {}
+
+
 def backend_ops(name: str) -> BackendOps:
     """The primitive ops of fused backend `name` ("extension" or "triton")."""
+    found = _BACKEND_OPS.get(name)
+    if found is not None:
+        return found
     if name == "triton":
         from . import triton as _triton  # registers the triton_bn_* ops on first use
 
@@ -76,10 +86,12 @@ def backend_ops(name: str) -> BackendOps:
             raise ValueError("backend 'triton' is unavailable: triton is not installed")
     prefix = _OP_PREFIX[name]
     namespace = torch.ops.fused_residual
-    return BackendOps(
+    found = BackendOps(
         name,
         *(getattr(namespace, prefix + op).default for op in _ops.OP_NAMES),
     )
+    _BACKEND_OPS[name] = found
+    return found
 
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -132,8 +144,13 @@ def why_unavailable(name: str, device_type: str) -> str | None:
     return None if name == "reference" else f"unknown backend {name!r}"
 
 
+_EXTENSION_UNAVAILABLE: dict[str, str | None] = {}
+
+
 def _extension_serves(device_type: str) -> bool:
-    return _extension_unavailable(device_type) is None
+    if device_type not in _EXTENSION_UNAVAILABLE:
+        _EXTENSION_UNAVAILABLE[device_type] = _extension_unavailable(device_type)
+    return _EXTENSION_UNAVAILABLE[device_type] is None
 
 
 # Constant under torch.compile, like resolve_backend: no graph break.
@@ -145,6 +162,14 @@ def dual_apply_served(name: str, device_type: str) -> bool:
     if name == "extension":
         return _extension_serves(device_type) and _has_kernel("bn_dual_apply", device_type)
     return _serves(name, device_type)
+
+
+def device_type_of(input: torch.Tensor) -> str:
+    """`input.device.type`, without building a torch.device for the two common types (a
+    quarter of a microsecond a call)."""
+    if input.is_cuda:
+        return "cuda"
+    return "cpu" if input.is_cpu else input.device.type
 
 
 def _device_type(device: torch.device | str | None) -> str:
@@ -191,6 +216,12 @@ def check_backend_name(backend: str) -> None:
 @assume_constant_result
 def resolve_backend(backend: str, device_type: str) -> str:
     """Turn a user's backend choice into a concrete name for a device type, or raise ValueError."""
+    # The common cases first, in as few calls as the general path below would answer them
+    # (this runs on every call of the functional ops): the extension, named or picked by
+    # "auto" for CPU tensors, where it serves them.
+    if (backend == "extension" or (backend == "auto" and device_type == "cpu")) \
+            and _extension_serves(device_type):
+        return "extension"
     if backend not in _CHOICES:
         raise ValueError(
             f"unknown backend {backend!r}; choose one of {list(_CHOICES)} "

@@ -15,8 +15,8 @@ from .autograd import (
     fused_dual_forward,
     fused_forward,
 )
-from .backends import dual_apply_served, resolve_backend
-from .checks import check_input, check_like_input, check_per_channel
+from .backends import backend_ops, device_type_of, dual_apply_served, resolve_backend
+from .checks import check_input, check_like, check_like_input, check_per_channel
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 
@@ -55,23 +55,40 @@ def check_arguments(
     the statistics span every rank's batch, so one rank may hold a single value per channel.
     """
     check_input(input)
+    # Read once: each tensor attribute read costs a fraction of a microsecond, and this runs
+    # on every call (see checks.FLOAT_DTYPES).
+    shape, device = input.shape, input.device
+    channels = shape[1]
     if residual is not None:
-        check_like_input(residual, input, "residual")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        check_per_channel(t, input.shape[1], input.device, name + suffix)
-    stats = f"running_mean{suffix} and running_var{suffix}"
+        check_like(residual, shape, input.dtype, device, "residual")
+    if running_mean is not None:
+        check_per_channel(running_mean, channels, device, "running_mean" + suffix)
+    if running_var is not None:
+        check_per_channel(running_var, channels, device, "running_var" + suffix)
+    if weight is not None:
+        check_per_channel(weight, channels, device, "weight" + suffix)
+    if bias is not None:
+        check_per_channel(bias, channels, device, "bias" + suffix)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{stats} must both be given or both be None")
+        raise ValueError(f"running_mean{suffix} and running_var{suffix} must both be given or both be None")
     if not training and running_mean is None:
-        raise ValueError(f"{stats} must be defined in evaluation mode (training{suffix}=False)")
+        raise ValueError(f"running_mean{suffix} and running_var{suffix} must be defined in evaluation "
+                         f"mode (training{suffix}=False)")
     if eps < 0 or (eps == 0 and (training or not _ZERO_EPS_IN_EVAL)):
         where = " in training" if training and _ZERO_EPS_IN_EVAL else ""
         raise ValueError(f"eps{suffix} must be positive{where}, got {eps}")
-    if (training and not synchronized and input.numel() > 0
-            and input.shape[0] * input.shape[2] * input.shape[3] == 1):
+    if training and not synchronized and shape[0] * shape[2] * shape[3] == 1 and shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{list(input.shape)}")
+                         f"{list(shape)}")
+
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call (made in grad mode) must record an autograd node: a tensor requires grad."""
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _empty_result(input: Tensor, residual: Tensor | None, weight: Tensor | None,
@@ -110,19 +127,23 @@ def bn_add_relu(
     "auto", "extension", "triton" or "reference"; see `available_backends`.
     """
     check_arguments(input, residual, running_mean, running_var, weight, bias, training, eps)
-    name = resolve_backend(backend, input.device.type)
+    name = resolve_backend(backend, device_type_of(input))
     if name == "reference":
         return bn_add_relu_reference(
             input, residual, running_mean, running_var, weight, bias, training, momentum, eps
         )
     if input.numel() == 0:
         return _empty_result(input, residual, weight, bias)
-    tensors = (input, residual, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and _needs_autograd(input, residual, weight, bias):
         return FusedBatchNormAddReLU.apply(
             input, residual, weight, bias, running_mean, running_var, training, momentum, eps, name
         )
-    # Inference: the same ops without the autograd node and without writing a mask.
+    # Inference: the same ops without the autograd node and without writing a mask. In eval
+    # that is one bn_apply on the running statistics (fused_forward's eval path, called
+    # directly: this is the per-call hot path of an inference model).
+    if not training:
+        return backend_ops(name).apply(input, residual, running_mean, running_var, weight, bias, eps,
+                                       False)[0]
     out, _, _, _ = fused_forward(
         name, input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
         save_mask=False,
@@ -171,7 +192,7 @@ def dual_bn_add_relu(
     check_like_input(input2, input, "input2")
     check_arguments(input2, None, running_mean2, running_var2, weight2, bias2, training2, eps2,
                     suffix="2")
-    name = resolve_backend(backend, input.device.type)
+    name = resolve_backend(backend, device_type_of(input))
     if input.numel() == 0:
         return _empty_result(input, _empty_result(input2, None, weight2, bias2, relu=False), weight, bias)
     if name == "reference":
@@ -184,11 +205,10 @@ def dual_bn_add_relu(
                                 momentum2, eps2)
         return bn_add_relu(input, residual, running_mean, running_var, weight, bias, training,
                            momentum, eps, backend=name)
-    tensors = (input, weight, bias, input2, weight2, bias2)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and _needs_autograd(input, weight, bias, input2, weight2, bias2):
         return FusedDualBatchNormAddReLU.apply(
-            *tensors, running_mean, running_var, running_mean2, running_var2, training, training2,
-            momentum, momentum2, eps, eps2, name,
+            input, weight, bias, input2, weight2, bias2, running_mean, running_var, running_mean2,
+            running_var2, training, training2, momentum, momentum2, eps, eps2, name,
         )
     # Inference: the same ops without the autograd node and without writing a mask.
     out, _, _, _ = fused_dual_forward(

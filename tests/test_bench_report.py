@@ -70,3 +70,36 @@ def test_report_pools_runs(tmp_path):
     assert ext.vs_eager == pytest.approx(6.0 / 1.5)
     text = report.section(runs, None)
     assert "2 run(s), pooled" in text and "run medians ms" in text
+
+
+def _case_json(path: Path, case: str, results: dict[str, tuple[list[float], dict]]) -> Path:
+    path.write_text(json.dumps({
+        "machine_info": {"fused_residual": {"device": "cpu", "device_name": "test CPU"}}, "datetime": "d",
+        "benchmarks": [{"group": case, "params": {"provider": p}, "extra_info": info,
+                        "stats": {"data": data, "median": sorted(data)[len(data) // 2]}}
+                       for p, (data, info) in results.items()]}))
+    return path
+
+
+def test_report_issue21_checks(tmp_path):
+    """The block sweep's never-slower line, the per-call overhead line against 1.1x, and the
+    whole-step bound: bound = E (1 - replaced share) + C * fused share."""
+    report = load_report()
+    step = "resnet50 train step"
+    runs = [report.load(_case_json(tmp_path / "a.json", step, {
+        "eager": ([1.0, 1.0, 1.0], {"replaced_share": 0.2}),
+        "eager+convert": ([0.9, 0.9, 0.9], {"fused_share": 0.05})}))]
+    rows = report.pooled_rows(runs)
+    (line,) = report.step_bound_lines(runs, rows)
+    # E = 1000 ms, C = 900 ms: bound = 1000 * 0.8 + 900 * 0.05 = 845 ms, gain 155 ms, reached 100/155.
+    assert "would take 845.0 ms" in line and "65% of the achievable gain (155.0 ms)" in line
+
+    block = report.load(_case_json(tmp_path / "b.json", "block 1x64 eval_fwd", {
+        "eager": ([0.010, 0.010, 0.011], {}), "extension": ([0.012, 0.012, 0.013], {})}))
+    over = report.load(_case_json(tmp_path / "c.json", "overhead bn_add_relu train_fwdbwd", {
+        "eager": ([100e-6] * 3, {}), "extension": ([105e-6] * 3, {})}))
+    rows = report.pooled_rows([block, over])
+    (sweep,) = report.never_slower_lines(rows, "block", "eager", "block sweep")
+    assert "beyond the run-to-run spread: block 1x64 eval_fwd" in sweep
+    (overhead,) = report.overhead_lines(rows)
+    assert "1.05x (within the 1.1x limit)" in overhead

@@ -1,4 +1,5 @@
-"""The GPU smoke selection, stage 1 of scripts/gpu_check.sh: `pytest -m smoke tests/`.
+"""The GPU smoke selection, `pytest -m smoke tests/`; scripts/gpu_check.sh runs its Triton part
+(`-m smoke -k triton`) first, while the extension builds.
 
 This module: every fused backend x dtype (float32, bfloat16, float16) x layout (NCHW,
 channels_last) x mode (train and eval: bn_add_relu forward+backward; dual: dual_bn_add_relu

@@ -9,14 +9,16 @@ cases (N = 128; bf16 channels_last and fp32 NCHW), forward, backward, eval and d
 few small cases for the remaining dtypes and flags. For every distinct compiled kernel it
 prints one JSON line: registers, stack and local memory (spills) from cuobjdump, shared memory, the widest
 global load and store in the PTX, and the resident programs per SM its launch plan assumes
-(`fused_residual.triton._common.planned_programs_per_sm`), and any flush-to-zero
-arithmetic. tests/test_gpu_static.py runs it and applies the budgets.
+(`fused_residual.triton._common.planned_programs_per_sm`), its special-function and `.ftz`
+instructions, and those of them that are approximate or flush to zero (tests/ptx_checks.py).
+tests/test_gpu_static.py runs it and applies the budgets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before Triton is imported
 
 import torch
 import triton
+from ptx_checks import float_math, inexact_math  # tests/, this script's directory
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -48,11 +51,6 @@ def _global_access_bits(ptx: str, op: str) -> int:
     for m in re.finditer(rf"\b{op}\.global[\w.:]*?(?:\.v(\d))?\.[bfsu](8|16|32|64)\b", ptx):
         widest = max(widest, int(m.group(1) or 1) * int(m.group(2)))
     return widest
-
-
-def _flush_to_zero(ptx: str) -> list[str]:
-    """Arithmetic or conversions that flush denormals (`.ftz`) in the PTX."""
-    return sorted(set(re.findall(r"\b(?:add|sub|mul|fma|div|cvt)[\w.]*?\.ftz[\w.]*", ptx)))
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -89,31 +87,35 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
         entry = dict(kernel=name, config=config, flags=flags, num_warps=options.num_warps,
                      shared=kernel.metadata.shared, ld_bits=_global_access_bits(ptx, "ld"),
                      st_bits=_global_access_bits(ptx, "st"),
-                     ftz=_flush_to_zero(ptx), plan=KERNEL_PLANS[name],
-                     programs_per_sm=planned_programs_per_sm(name), cases=[],
+                     float_math=float_math(ptx), inexact=inexact_math(ptx), plan=KERNEL_PLANS[name],
+                     programs_per_sm=planned_programs_per_sm(name, dual=kwargs.get("DUAL") is True), cases=[],
                      **_resource_usage(kernel.asm["cubin"]))
         _compiled[key] = entry
     if _case[0] not in entry["cases"]:
         entry["cases"].append(_case[0])
 
 
-def _tensor(shape, dtype, channels_last):
-    x = torch.empty(shape, dtype=dtype)  # never touched: the kernels are only compiled
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def _tensor(shape, dtype, channels_last, offset=0):
+    """Never touched: the kernels are only compiled. `offset` elements into its storage (not
+    16-byte aligned for offset 1: the launchers' and Triton's unaligned specializations)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    strides = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt).stride()
+    return torch.empty(math.prod(shape) + offset, dtype=dtype)[offset:].as_strided(shape, strides)
 
 
-def run_case(label: str, shape, dtype, channels_last: bool, affine: bool = True, residual: bool = True):
+def run_case(label: str, shape, dtype, channels_last: bool, affine: bool = True, residual: bool = True,
+             offset: int = 0):
     """The op sequences of a training step, an eval step (inference, and a backward through an
     eval-mode BatchNorm) and a downsampling tail (dual), as autograd.py composes them."""
     ops = torch.ops.fused_residual
-    x = _tensor(shape, dtype, channels_last)
+    x = _tensor(shape, dtype, channels_last, offset)
     c = shape[1]
     count = shape[0] * shape[2] * shape[3]
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     rm, rv = torch.zeros(c, dtype=pdt), torch.ones(c, dtype=pdt)
     w, b = (torch.ones(c, dtype=pdt), torch.zeros(c, dtype=pdt)) if affine else (None, None)
-    r = _tensor(shape, dtype, channels_last) if residual else None
-    g = _tensor(shape, dtype, channels_last)
+    r = _tensor(shape, dtype, channels_last, offset) if residual else None
+    g = _tensor(shape, dtype, channels_last, offset)
 
     _case[0] = f"{label} forward"
     mean, var = ops.triton_bn_stats(x)
@@ -126,7 +128,7 @@ def run_case(label: str, shape, dtype, channels_last: bool, affine: bool = True,
     ops.triton_bn_apply(x, r, rm, rv, w, b, 1e-5, False)
     ops.triton_bn_backward_apply(g, mask, x, rm, rv, w, None, None, 1e-5, count, True, residual)
     _case[0] = f"{label} dual"
-    x2 = _tensor(shape, dtype, channels_last)
+    x2 = _tensor(shape, dtype, channels_last, offset)
     mean2, var2 = ops.triton_bn_stats(x2)
     _, mask = ops.triton_bn_dual_apply(x, mean, var, w, b, x2, mean2, var2, w, b, 1e-5, 1e-5, True)
     for xi, m, v in ((x, mean, var), (x2, mean2, var2)):
@@ -157,6 +159,10 @@ def main() -> None:
     run_case("extra fp32 no-affine no-residual", (8, 96, 7, 7), torch.float32, False, affine=False,
              residual=False)
     run_case("extra bf16 HW=1", (16, 2048, 1, 1), torch.bfloat16, False)
+    # Odd sizes (C % 8 != 0, odd H*W) and a storage offset of one element: the unaligned paths.
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for cl in (False, True):
+            run_case(f"extra {tag} {'cl' if cl else 'nchw'} odd offset 1", (3, 5, 7, 3), dtype, cl, offset=1)
     for entry in _compiled.values():
         print(json.dumps(entry))
 

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
   }
   const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor mean_acc = channel_acc(mean, acc);
-  const auto [scale, shift] = affine_constants(var, weight, bias, eps, input, acc);
+  const ChannelConstants k = affine_constants(var, weight, bias, eps, acc);
 
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(w.format));
   at::Tensor mask = at::empty({save_mask ? (input.numel() + 7) / 8 : 0},
@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& input,
   if (input.numel() > 0) {
     kernels().apply(x.scalar_type(), w.geometry,
                     ApplyArgs{x.const_data_ptr(), r.has_value() ? r->const_data_ptr() : nullptr,
-                              mean_acc.const_data_ptr(), scale.const_data_ptr(),
-                              shift.const_data_ptr(), out.mutable_data_ptr(),
+                              mean_acc.const_data_ptr(), k.at<double>(0), k.at<double>(1),
+                              out.mutable_data_ptr(),
                               save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr});
   }
   return {out, mask};
@@ -143,9 +143,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
   const int64_t c = input.size(1);
   const bool train = sum_dy.has_value();
 
-  const at::Tensor empty = at::empty({0}, input.options());
   if (!need_grad_input && !need_grad_residual) {
-    return {empty, empty};
+    return {at::empty({0}, input.options()), at::empty({0}, input.options())};
   }
   const Working w = working_of(input);
   const at::Tensor g = grad_out.contiguous(w.format);
@@ -155,13 +154,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
   const at::ScalarType acc = acc_type(input.scalar_type());
 
   at::Tensor mean_acc = read_x ? channel_acc(mean, acc) : at::Tensor();
-  at::Tensor k_dy, k_xmu, k_const;
+  // Arrays 0, 1, 2: k_dy, k_xmu, k_const (host memory; see ChannelConstants).
+  ChannelConstants k(need_grad_input ? c : 0, 3);
   if (need_grad_input) {
-    k_dy = new_channels(c, input, acc);
-    if (train) {
-      k_xmu = new_channels(c, input, acc);
-      k_const = new_channels(c, input, acc);
-    }
     AT_DISPATCH_FLOATING_TYPES(acc, "bn_backward_apply_cpu_constants", [&] {
       using acc_t = scalar_t;
       const at::Tensor v = channel_acc(var, acc);
@@ -172,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
       const acc_t* wp = acc_data<acc_t>(wt);
       const acc_t* s1p = acc_data<acc_t>(s1);
       const acc_t* s2p = acc_data<acc_t>(s2);
-      acc_t* kd = k_dy.mutable_data_ptr<acc_t>();
-      acc_t* kx = train ? k_xmu.mutable_data_ptr<acc_t>() : nullptr;
-      acc_t* kc = train ? k_const.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* kd = k.at<acc_t>(0);
+      acc_t* kx = k.at<acc_t>(1);
+      acc_t* kc = k.at<acc_t>(2);
       const acc_t n = static_cast<acc_t>(count);
       for (int64_t i = 0; i < c; ++i) {
         const acc_t inv = invstd_of(vp[i], eps);
@@ -189,15 +184,20 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(
   }
 
   const at::TensorOptions out_opts = input.options().memory_format(w.format);
-  at::Tensor grad_input = need_grad_input ? at::empty(input.sizes(), out_opts) : empty;
-  at::Tensor grad_residual = need_grad_residual ? at::empty(input.sizes(), out_opts) : empty;
+  const auto output = [&](bool needed) {
+    return needed ? at::empty(input.sizes(), out_opts) : at::empty({0}, input.options());
+  };
+  at::Tensor grad_input = output(need_grad_input);
+  at::Tensor grad_residual = output(need_grad_residual);
   if (input.numel() > 0) {
     const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
     kernels().backward_apply(
         input.scalar_type(), w.geometry,
         BackwardApplyArgs{g.const_data_ptr(), m.const_data_ptr<uint8_t>(), m.numel(),
-                          read_x ? x.const_data_ptr() : nullptr, ptr(mean_acc), ptr(k_dy),
-                          ptr(k_xmu), ptr(k_const),
+                          read_x ? x.const_data_ptr() : nullptr, ptr(mean_acc),
+                          need_grad_input ? k.at<double>(0) : nullptr,
+                          need_grad_input && train ? k.at<double>(1) : nullptr,
+                          need_grad_input && train ? k.at<double>(2) : nullptr,
                           need_grad_input ? grad_input.mutable_data_ptr() : nullptr,
                           need_grad_residual ? grad_residual.mutable_data_ptr() : nullptr});
   }

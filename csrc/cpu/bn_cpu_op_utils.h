@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/bn_cpu_kernels.h"
 #include "op_checks.h"
@@ -49,8 +50,13 @@ inline Working working_of(const at::Tensor& input) {
 }
 
 // A per-channel tensor (any floating dtype, any stride) as a contiguous acc tensor; no copy
-// when it already is one.
+// when it already is one. The common case (an acc tensor, contiguous) returns without a
+// dispatcher call: `to` and `contiguous` each cost one even when they return `t`, and the
+// per-call host time of the ops is most of their time on small tensors (issue 21).
 inline at::Tensor channel_acc(const at::Tensor& t, at::ScalarType acc) {
+  if (t.scalar_type() == acc && t.is_contiguous()) {
+    return t;
+  }
   return t.to(acc).contiguous();
 }
 
@@ -87,17 +93,39 @@ inline acc_t invstd_of(acc_t var, double eps) {
   return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
 }
 
+// Per-channel acc constants of one op call, in host memory (a std::vector, not a tensor:
+// no allocator or dispatcher call; the kernels take raw pointers). `at(k)` is the k-th array
+// of C values; storage is in doubles, so it holds C floats or C doubles per array.
+class ChannelConstants {
+ public:
+  ChannelConstants(int64_t c, int arrays) : c_(c), storage_(static_cast<size_t>(c * arrays)) {}
+
+  template <typename acc_t>
+  acc_t* at(int k) {
+    static_assert(sizeof(acc_t) <= sizeof(double));
+    return reinterpret_cast<acc_t*>(storage_.data() + k * c_);
+  }
+
+  template <typename acc_t>
+  const acc_t* at(int k) const {
+    return reinterpret_cast<const acc_t*>(storage_.data() + k * c_);
+  }
+
+ private:
+  int64_t c_;
+  std::vector<double> storage_;
+};
+
 // The apply kernels' per-channel constants of one BatchNorm, y = (x - mean_c) * scale_c +
 // shift_c: scale_c = invstd_c * w_c (w = 1 when absent) and shift_c = b_c (0 when absent),
-// plus `extra_shift` (another BatchNorm's bias folded into the same add; may be undefined).
-// Returns (scale, shift), contiguous acc tensors of C values.
-inline std::tuple<at::Tensor, at::Tensor> affine_constants(
-    const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, const at::Tensor& like,
-    at::ScalarType acc, const at::Tensor& extra_shift = at::Tensor()) {
+// plus `extra_shift` (another BatchNorm's bias folded into the same add; may be nullptr,
+// else C acc values). Returns (scale, shift) as arrays 0 and 1 of C acc values.
+inline ChannelConstants affine_constants(const at::Tensor& var,
+                                         const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias, double eps,
+                                         at::ScalarType acc, const void* extra_shift = nullptr) {
   const int64_t c = var.size(0);
-  at::Tensor scale = new_channels(c, like, acc);
-  at::Tensor shift = new_channels(c, like, acc);
+  ChannelConstants k(c, 2);
   AT_DISPATCH_FLOATING_TYPES(acc, "affine_constants", [&] {
     using acc_t = scalar_t;
     const at::Tensor v = channel_acc(var, acc);
@@ -106,9 +134,9 @@ inline std::tuple<at::Tensor, at::Tensor> affine_constants(
     const acc_t* vp = acc_data<acc_t>(v);
     const acc_t* wp = acc_data<acc_t>(wt);
     const acc_t* bp = acc_data<acc_t>(bs);
-    const acc_t* ep = acc_data<acc_t>(extra_shift);
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    acc_t* hp = shift.mutable_data_ptr<acc_t>();
+    const acc_t* ep = static_cast<const acc_t*>(extra_shift);
+    acc_t* sp = k.at<acc_t>(0);
+    acc_t* hp = k.at<acc_t>(1);
     for (int64_t i = 0; i < c; ++i) {
       const acc_t inv = invstd_of(vp[i], eps);
       sp[i] = wp != nullptr ? inv * wp[i] : inv;
@@ -118,7 +146,7 @@ inline std::tuple<at::Tensor, at::Tensor> affine_constants(
       }
     }
   });
-  return {scale, shift};
+  return k;
 }
 
 }  // namespace fused_residual::cpu

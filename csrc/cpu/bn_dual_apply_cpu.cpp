@@ -38,19 +38,19 @@ std::tuple<at::Tensor, at::Tensor> bn_dual_apply_cpu(
   const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor mean_acc = channel_acc(mean, acc);
   const at::Tensor mean2_acc = channel_acc(mean2, acc);
-  const auto [scale2, shift2] = affine_constants(var2, weight2, bias2, eps2, input, acc);
-  const auto [scale, shift] = affine_constants(var, weight, bias, eps, input, acc, shift2);
+  const ChannelConstants k2 = affine_constants(var2, weight2, bias2, eps2, acc);
+  const ChannelConstants k = affine_constants(var, weight, bias, eps, acc, k2.at<double>(1));
 
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(w.format));
   at::Tensor mask = at::empty({save_mask ? (input.numel() + 7) / 8 : 0},
                               input.options().dtype(at::kByte));
   if (input.numel() > 0) {
-    ApplyArgs args{x.const_data_ptr(), nullptr, mean_acc.const_data_ptr(),
-                   scale.const_data_ptr(), shift.const_data_ptr(), out.mutable_data_ptr(),
+    ApplyArgs args{x.const_data_ptr(), nullptr, mean_acc.const_data_ptr(), k.at<double>(0),
+                   k.at<double>(1), out.mutable_data_ptr(),
                    save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr};
     args.x2 = x2.const_data_ptr();
     args.mean2 = mean2_acc.const_data_ptr();
-    args.scale2 = scale2.const_data_ptr();
+    args.scale2 = k2.at<double>(0);
     kernels().apply(x.scalar_type(), w.geometry, args);
   }
   return {out, mask};

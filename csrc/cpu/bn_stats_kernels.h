@@ -103,12 +103,114 @@ void contiguous_moments(const scalar_t* p, int64_t len, double& mean, double& m2
   m2 = std::max(0.0, sq - sd * sd / n);
 }
 
+// Mean and M2 of `rows` rows of `len` values of one channel, `stride` elements apart (an NCHW
+// channel's rows n0 .. n1-1), corrected two-pass as contiguous_moments. A row's vector part
+// adds into acc vector accumulators, flushed into double every ~kInnerLen elements; its
+// scalar tail goes to double per row. For the small spatial sizes of late ResNet stages (a
+// row of 4 to 64 values), one such block over many rows replaces a block per row, whose two
+// passes, double partials and Chan merge cost tens of cycles per element (issue 21: the CPU
+// ResNet-50 benchmark's 64x64 images give rows of 256 down to 4 values).
+template <typename scalar_t>
+void rows_moments(const scalar_t* p, int64_t rows, int64_t stride, int64_t len, double& mean,
+                  double& m2) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t vlen = len - len % L;
+  const int64_t flush_rows = std::max<int64_t>(1, kInnerLen / std::max<int64_t>(1, len));
+  const Vec zero(acc_t(0));
+
+  double sum = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += flush_rows) {
+    const int64_t r1 = std::min(rows, r0 + flush_rows);
+    Vec a = zero;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* q = p + r * stride;
+      for (int64_t i = 0; i < vlen; i += L) {
+        a += IO::load(q + i);
+      }
+      for (int64_t i = vlen; i < len; ++i) {
+        sum += static_cast<double>(q[i]);
+      }
+    }
+    sum += static_cast<double>(sum_lanes(a));
+  }
+  const double n = static_cast<double>(rows * len);
+  const acc_t m0 = static_cast<acc_t>(sum / n);
+
+  const Vec vm0(m0);
+  double sd = 0, sq = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += flush_rows) {
+    const int64_t r1 = std::min(rows, r0 + flush_rows);
+    Vec d = zero, q2 = zero;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* q = p + r * stride;
+      for (int64_t i = 0; i < vlen; i += L) {
+        const Vec v = IO::load(q + i) - vm0;
+        d += v;
+        q2 = at::vec::fmadd(v, v, q2);
+      }
+      for (int64_t i = vlen; i < len; ++i) {
+        const acc_t v = static_cast<acc_t>(q[i]) - m0;
+        sd += static_cast<double>(v);
+        sq += static_cast<double>(v) * static_cast<double>(v);
+      }
+    }
+    sd += static_cast<double>(sum_lanes(d));
+    sq += static_cast<double>(sum_lanes(q2));
+  }
+  mean = static_cast<double>(m0) + sd / n;
+  m2 = std::max(0.0, sq - sd * sd / n);
+}
+
+// Rows of at most this many values take the row-group blocks of stats_nchw_small_rows.
+constexpr int64_t kSmallRow = 4 * kInnerLen;
+
+// NCHW with short rows: block (c, k) is rows n in [k * R, (k + 1) * R) of channel c, R =
+// kReduceBlock / HW (so a block holds about kReduceBlock values, as elsewhere); partials at
+// [c * G + k], merged per channel in k order. Fixed by the shape: deterministic for any
+// thread count.
+template <typename scalar_t>
+void stats_nchw_small_rows(const scalar_t* x, const Geometry& g,
+                           at::opmath_type<scalar_t>* mean_out,
+                           at::opmath_type<scalar_t>* var_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows_per_block = std::max<int64_t>(1, kReduceBlock / std::max<int64_t>(1, g.hw));
+  const int64_t groups = (g.n + rows_per_block - 1) / rows_per_block;
+  std::vector<double> pmean(g.c * groups), pm2(g.c * groups);
+  const int64_t stride = g.c * g.hw;
+
+  at::parallel_for(0, g.c * groups, block_grain(rows_per_block * g.hw), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c = b / groups;
+      const int64_t n0 = (b - c * groups) * rows_per_block;
+      const int64_t rows = std::min(rows_per_block, g.n - n0);
+      rows_moments(x + n0 * stride + c * g.hw, rows, stride, g.hw, pmean[b], pm2[b]);
+    }
+  });
+  for (int64_t c = 0; c < g.c; ++c) {
+    double count = 0, mean = 0, m2 = 0;
+    for (int64_t k = 0; k < groups; ++k) {
+      const int64_t rows = std::min(rows_per_block, g.n - k * rows_per_block);
+      chan_merge(count, mean, m2, static_cast<double>(rows * g.hw), pmean[c * groups + k],
+                 pm2[c * groups + k]);
+    }
+    mean_out[c] = static_cast<acc_t>(mean);
+    var_out[c] = static_cast<acc_t>(m2 / count);
+  }
+}
+
 // NCHW: blocks are pieces of the (n, c) rows; partials at [row * pieces + j]; channel c
-// merges rows n = 0 .. N-1 (pieces in order) of its own.
+// merges rows n = 0 .. N-1 (pieces in order) of its own. Short rows: stats_nchw_small_rows.
 template <typename scalar_t>
 void stats_nchw(const scalar_t* x, const Geometry& g, at::opmath_type<scalar_t>* mean_out,
                 at::opmath_type<scalar_t>* var_out) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (g.hw <= kSmallRow) {
+    stats_nchw_small_rows(x, g, mean_out, var_out);
+    return;
+  }
   const RowPieces rp(g.hw);
   const int64_t nblocks = g.n * g.c * rp.pieces;
   std::vector<double> pmean(nblocks), pm2(nblocks);

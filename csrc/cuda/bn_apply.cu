@@ -23,7 +23,7 @@ template <typename A>
 __device__ __forceinline__ Affine<A> affine_of(const A* __restrict__ mean, const A* __restrict__ var,
                                                const A* __restrict__ weight,
                                                const A* __restrict__ bias, A eps, int64_t c) {
-  const A invstd = rsqrt_acc(add_rn(var[c], eps));
+  const A invstd = inv_sqrt_rn(add_rn(var[c], eps));
   Affine<A> p;
   p.mean = mean[c];
   p.scale = weight != nullptr ? mul_rn(invstd, weight[c]) : invstd;

@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   if (lane == 0) {
     sum_dy[c] = acc.dy;
     sum_dy_xmu[c] = acc.dyxmu;
-    grad_weight[c] = mul_rn(acc.dyxmu, rsqrt_acc(add_rn(var[c], eps)));
+    grad_weight[c] = mul_rn(acc.dyxmu, inv_sqrt_rn(add_rn(var[c], eps)));
   }
 }
 
@@ -193,7 +193,7 @@ struct BackwardApplyOp {
   bool vec;     // all element pointers 16-byte aligned
 
   __device__ __forceinline__ Params params(int64_t c) const {
-    const A invstd = rsqrt_acc(add_rn(var[c], eps));
+    const A invstd = inv_sqrt_rn(add_rn(var[c], eps));
     Params p;
     p.k = weight != nullptr ? mul_rn(weight[c], invstd) : invstd;
     if (sum_dy != nullptr) {

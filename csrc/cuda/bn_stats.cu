@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
       A v[VEC];
       load_vec<VEC>(x + m * channels + c0, v);  // m*C + c0 is a multiple of VEC
       ++cnt;
-      const A r = A(1) / static_cast<A>(cnt);
+      const A r = div_rn(A(1), static_cast<A>(cnt));
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         v[i] -= pilot[i];

@@ -146,9 +146,13 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 
-// 1/sqrt(v): the same device function torch.rsqrt uses on CUDA.
-__device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
-__device__ __forceinline__ double rsqrt_acc(double v) { return ::rsqrt(v); }
+// invstd = 1 / sqrt(v) as PyTorch's BatchNorm computes it (`1 / device_sqrt(var + eps)`): a
+// correctly rounded square root, then a correctly rounded division; PTX sqrt.rn + div.rn. Never
+// rsqrtf / rsqrt (rsqrt.approx, ~2 ulp): |x - mean| scales that error in the output, invstd^2
+// in the backward coefficients. The intrinsics do not depend on -prec-div/-prec-sqrt.
+// tests/test_gpu_static.py reads the embedded PTX of a "+PTX" build for approximations.
+__device__ __forceinline__ float inv_sqrt_rn(float v) { return __fdiv_rn(1.0f, __fsqrt_rn(v)); }
+__device__ __forceinline__ double inv_sqrt_rn(double v) { return __ddiv_rn(1.0, __dsqrt_rn(v)); }
 
 // 8 consecutive elements (one mask byte's worth) of T. `vec` means the pointer is 16-byte
 // aligned and all 8 are in bounds: then they are moved as 8*sizeof(T)/16 128-bit accesses

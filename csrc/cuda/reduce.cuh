@@ -58,7 +58,7 @@ __device__ __forceinline__ void welford_add(Welford<A>& a, const A (&v)[VEC]) {
     return;
   }
   const int64_t n = a.n + VEC;
-  const A ratio = A(VEC) / static_cast<A>(n);
+  const A ratio = div_rn(A(VEC), static_cast<A>(n));
   const A delta = mb - a.mean;
   a.mean += delta * ratio;
   a.m2 += m2b + delta * delta * static_cast<A>(a.n) * ratio;

@@ -56,12 +56,13 @@ def launch_plan(plan: str):
     return record
 
 
-def planned_programs_per_sm(kernel_name: str) -> int:
-    """Programs of kernel `kernel_name` that its launch plan expects resident on one SM at
-    once: the register budget of an sm_90 compile is 65536 / (this * 32 * num_warps)."""
+def planned_programs_per_sm(kernel_name: str, dual: bool = False) -> int:
+    """Programs of kernel `kernel_name` (its DUAL variant: `dual`) that its launch plan expects
+    resident on one SM at once: the register budget of an sm_90 compile is
+    65536 / (this * 32 * num_warps)."""
     plan = KERNEL_PLANS[kernel_name]
     if plan == "elementwise":
-        return TUNING.elementwise_programs_per_sm
+        return TUNING.dual_elementwise_programs_per_sm if dual else TUNING.elementwise_programs_per_sm
     if plan == "reduce":
         return TUNING.programs_per_sm
     return 1  # per-channel kernels: a few programs, one per SM
@@ -80,7 +81,11 @@ class Tuning:
     move `elementwise_tile` elements (half for float64), 8 per thread at 8 warps (4 for
     float64): one or two 128-bit accesses per operand. The grid is one program per tile,
     and `elementwise_programs_per_sm` of them are meant to be resident at once: <= 64
-    registers per thread, 16 KiB of bf16 per operand in flight per SM. Reduction programs
+    registers per thread, 16 KiB of bf16 per operand in flight per SM; the two-BatchNorm
+    (DUAL) variants plan `dual_elementwise_programs_per_sm` (<= 80 registers: ten per-channel
+    coefficients of 8 channels, each invstd an IEEE sqrt and division, whose slow paths need
+    registers; 16-bit channels_last took 78-80 under Triton 3.6-3.8, where the approximate
+    sqrt and division fit 64), as the CUDA backend's fp32 dual kernel does. Reduction programs
     keep `reduce_tile / 2` lanes (a quarter for float64) of accumulators, 4 per thread at 8
     warps (Welford's 3 or the backward's 4 accumulators per value); their grid is sized for
     `programs_per_sm` resident programs per SM (<= 64 registers). Float64 kernels and
@@ -93,6 +98,7 @@ class Tuning:
     elementwise_tile: int = 2048
     elementwise_max_cols: int = 1024
     elementwise_programs_per_sm: int = 4
+    dual_elementwise_programs_per_sm: int = 3
     reduce_tile: int = 2048
     reduce_max_hw: int = 1024  # NCHW reduction: widest contiguous segment of a row
     reduce_max_c: int = 64  # NHWC reduction: channels per program

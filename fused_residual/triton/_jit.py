@@ -1,7 +1,7 @@
 """The `@triton.jit` helpers every Triton kernel of the backend uses: host floats passed as
-fp32 pieces (`join_f64`), 1/sqrt, the reduction tiles of the NCHW and NHWC layouts, loads and
-stores in the accumulation dtype, per-channel affine coefficients, and the channel of an
-element in flat mode (see `_common.py` for the geometry).
+fp32 pieces (`join_f64`), IEEE division and 1/sqrt, the reduction tiles of the NCHW and NHWC
+layouts, loads and stores in the accumulation dtype, per-channel affine coefficients, and the
+channel of an element in flat mode (see `_common.py` for the geometry).
 """
 
 from __future__ import annotations
@@ -29,10 +29,32 @@ def join3_f64(hi, mid, lo, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def div_rn(a, b):
+    """a / b correctly rounded (IEEE round to nearest even) in the dtype of the tensor `a`.
+
+    Compiled for a GPU, Triton's fp32 `/` is PTX `div.full.f32`, an approximation within
+    2 ulp; PyTorch divides with IEEE division, so every division of the backend is this one
+    (`tl.math.div_rn`: PTX `div.rn.f32`, fp32 only). fp64 `/` is `div.rn.f64` already.
+    tests/test_gpu_static.py fails on any approximate division in the compiled kernels."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, tl.cast(b, tl.float32))  # b may be an integer count
+
+
+@triton.jit
 def rstd(var, eps):
-    """1 / sqrt(var + eps). Compiled, fp32 uses the GPU's approximate sqrt and division
-    (each within 2 ulp); fp64 is correctly rounded."""
-    return 1.0 / tl.sqrt(var + eps)
+    """invstd = 1 / sqrt(var + eps), as PyTorch's BatchNorm computes it: a correctly rounded
+    square root, then a correctly rounded division (never an approximate rsqrt).
+
+    Compiled, fp32 `tl.sqrt` is `sqrt.approx.ftz.f32`, whose error |x_hat| and, in the
+    backward, invstd^2 amplify; `tl.math.sqrt_rn` is `sqrt.rn.f32` (fp32 only). fp64
+    `tl.sqrt` is `sqrt.rn.f64`. Triton's interpreter computes both exactly in numpy."""
+    v = var + eps
+    if v.dtype == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    else:
+        return tl.math.div_rn(1.0, tl.math.sqrt_rn(v))
 
 
 @triton.jit

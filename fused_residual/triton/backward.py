@@ -53,6 +53,7 @@ from ._common import (
     split_f64,
 )
 from ._jit import (
+    div_rn,
     flat_channel,
     join_f64,
     load_acc,
@@ -248,8 +249,8 @@ def _backward_coeffs(mean_ptr, var_ptr, w_ptr, sdy_ptr, sdyx_ptr, ch, cmask, eps
         k = load_acc(w_ptr, ch, cmask, IS_F64) * invstd
     if TRAINING:
         mean = load_acc(mean_ptr, ch, cmask, IS_F64)
-        a = k * (invstd * invstd) * (load_acc(sdyx_ptr, ch, cmask, IS_F64) / count)
-        b = k * (load_acc(sdy_ptr, ch, cmask, IS_F64) / count)
+        a = k * (invstd * invstd) * div_rn(load_acc(sdyx_ptr, ch, cmask, IS_F64), count)
+        b = k * div_rn(load_acc(sdy_ptr, ch, cmask, IS_F64), count)
     else:
         mean = k
         a = k

@@ -52,6 +52,7 @@ from ._common import (
     split_f64,
 )
 from ._jit import (
+    div_rn,
     join3_f64,
     join_f64,
     load_acc,
@@ -77,7 +78,7 @@ def _welford_step(d, valid, cnt, mean, m2):
     """Welford's update, lane-wise, with `valid` lanes taking one new value `d`."""
     cnt = cnt + valid.to(cnt.dtype)
     delta = tl.where(valid, d - mean, 0.0)
-    mean = mean + delta / tl.maximum(cnt, 1.0)
+    mean = mean + div_rn(delta, tl.maximum(cnt, 1.0))
     m2 = m2 + delta * (d - mean)
     return cnt, mean, m2
 
@@ -86,7 +87,7 @@ def _welford_step(d, valid, cnt, mean, m2):
 def _welford_lanes(cnt, mean, m2, AXIS: tl.constexpr):
     """Merge lanes along AXIS: (n, m, M2) of the union of the groups (Chan et al.)."""
     n = tl.sum(cnt, AXIS)
-    m = tl.sum(cnt * mean, AXIS) / tl.maximum(n, 1.0)
+    m = div_rn(tl.sum(cnt * mean, AXIS), tl.maximum(n, 1.0))
     d = mean - tl.expand_dims(m, AXIS)
     m2 = tl.sum(m2 + cnt * d * d, AXIS)
     return n, m, m2
@@ -161,7 +162,7 @@ def _per_count(v, count, inv_count, IS_F64: tl.constexpr):
     if IS_F64:
         return v * inv_count
     else:
-        return v / count
+        return div_rn(v, count)
 
 
 @launch_plan("per_channel")
