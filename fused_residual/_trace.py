@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,31 +99,30 @@ class ShallowTracer(Tracer):
         self.tensor_attrs = {v: k for k, v in root.__dict__.items() if isinstance(v, torch.Tensor)}
         fn, args = self.create_args_for_root(type(root).forward, True, None)
         self.parameter_cache: dict[str, torch.fx.Proxy] = {}
-        _ACTIVE.append(self)
+        _STATE.tracer = self
         try:
             out = fn(*args)
             self.create_node("output", "output", (self.create_arg(out),), {})
         finally:
-            _ACTIVE.pop()
+            _STATE.tracer = None
         return self.graph
 
 
-_ACTIVE: list[ShallowTracer] = []
+_STATE = threading.local()  # the tracer of this thread's trace: other threads' modules run as usual
 _CALL, _GETATTR = nn.Module.__call__, nn.Module.__getattr__
 
 
 def _module_getattr(mod: nn.Module, attr: str) -> Any:
     value = _GETATTR(mod, attr)
-    if not _ACTIVE:
-        return value
-    tracer = _ACTIVE[-1]
-    return tracer.getattr(attr, value, tracer.parameter_cache)
+    tracer = getattr(_STATE, "tracer", None)
+    return value if tracer is None else tracer.getattr(attr, value, tracer.parameter_cache)
 
 
 def _module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    if not _ACTIVE:
+    tracer = getattr(_STATE, "tracer", None)
+    if tracer is None:
         return _CALL(mod, *args, **kwargs)
-    return _ACTIVE[-1].call_module(mod, lambda *a, **kw: _CALL(mod, *a, **kw), args, kwargs)
+    return tracer.call_module(mod, lambda *a, **kw: _CALL(mod, *a, **kw), args, kwargs)
 
 
 @contextlib.contextmanager

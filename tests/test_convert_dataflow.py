@@ -714,3 +714,42 @@ def test_compile_fullgraph():
     assert forward.count("bn_apply.default") == 1 + 3 * 2 + 3 - 2
     assert forward.count("bn_dual_apply.default") == 2
     assert "batch_norm" not in forward
+
+
+def import_graph(root) -> dict[str, set[str]]:
+    """fused_residual's modules -> the fused_residual modules each imports (relative imports,
+    at any depth of the file: imports inside functions count)."""
+    import ast
+
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                imports.update(f"{target}.{a.name}" if f"{target}.{a.name}" in files else target
+                               for a in node.names)
+        graph[name] = imports - {name}
+    return graph
+
+
+def test_layers_import_downward():
+    """The package's layers (op layer -> backends -> modules -> convert) import downward only:
+    no import cycle among fused_residual's modules (the convert layer's `_norms` once imported
+    `_torchvision`, which imported `_norms`). The package's __init__ imports every layer's API."""
+    import pathlib
+
+    graph = import_graph(pathlib.Path(fused_residual.__file__).parent)
+    graph.pop("fused_residual")
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*stack, node])
+
+    for name in graph:
+        visit(name, [])
