@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bench_common import DEVICE, device_name, record, time_case
 from test_model_bench import BATCH, CASE, CHANNELS_LAST, DTYPE, IMAGE, _bench_train_step
+from test_overhead_bench import one_thread  # noqa: F401 (a fixture)
 
 import fused_residual
 from fused_residual.bench_utils import synchronize
@@ -88,17 +89,10 @@ def test_convert_time(benchmark, arch, norms):
     record(case, "convert", benchmark, {"first_call_s": round(first_s, 3), "device": "cpu"})
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("provider", ["eager", "eager+convert"])
 @pytest.mark.parametrize("mode", ["eval_fwd", "train_fwdbwd"])
-def test_converted_forward_host_overhead(benchmark, one_thread, mode, provider):
+def test_converted_forward_host_overhead(benchmark, mode, provider):
     from torchvision.models.resnet import BasicBlock
 
     torch.manual_seed(0)
