@@ -33,12 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _norms
-from ._trace import patched, trace_module
+from ._trace import INPLACE_OPERATORS, patched, trace_module
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
-_INPLACE_OPS = {getattr(operator, n) for n in dir(operator) if n.startswith("i") and n[1:] in dir(operator)
-                and n not in ("index", "indexOf", "is_", "is_not", "inv", "invert", "itemgetter")}
+_INPLACE_OPS = {getattr(operator, f"i{name}") for name in INPLACE_OPERATORS}
 
 
 @dataclass
@@ -115,7 +114,16 @@ def _describe(node: torch.fx.Node, root: nn.Module) -> str:
 
 
 def _uses(user: torch.fx.Node, node: torch.fx.Node) -> int:
-    return sum(a is node for a in (*user.args, *user.kwargs.values()))
+    """How many times `user` takes `node` (in lists and tuples too: torch.cat([a, b]))."""
+    count = 0
+
+    def visit(arg: torch.fx.Node) -> torch.fx.Node:
+        nonlocal count
+        count += arg is node
+        return arg
+
+    torch.fx.node.map_arg((user.args, user.kwargs), visit)
+    return count
 
 
 class _Graph:

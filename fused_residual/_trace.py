@@ -31,8 +31,8 @@ import torch.fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import Tracer, _get_is_fx_tracing, _set_is_fx_tracing
 
-_INPLACE = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
-            "lshift", "rshift")
+INPLACE_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+                     "lshift", "rshift")
 
 
 class InplaceProxy(torch.fx.Proxy):
@@ -46,7 +46,7 @@ def _inplace_method(op: Any) -> Any:
     return method
 
 
-for _name in _INPLACE:
+for _name in INPLACE_OPERATORS:
     setattr(InplaceProxy, f"__i{_name}__", _inplace_method(getattr(operator, f"i{_name}")))
 
 

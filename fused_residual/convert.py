@@ -104,33 +104,32 @@ def _report(model: nn.Module, planner: _rewrite.Planner) -> ConvertReport:
 
 
 def _other_norms(model: nn.Module, planner: _rewrite.Planner, seen: set[int]) -> list[tuple[str, str]]:
-    """Each norm no traced forward decides about, with why."""
+    """Each norm no traced forward decides about, with why: its output is what a module
+    returns and that module's caller does not trace (or it is the model's output), or it is
+    called by a forward that does not trace, or by none."""
     untraced = {id(t.module): t for t in planner.traced if t.graph is None}
-    returned = {id(t.ending.norm): t.path for t in planner.traced if t.ending is not None}
-    parents = {id(c): (f"{path}.{name}" if path else name, m) for path, m in model.named_modules()
-               for name, c in m.named_children()}
-    paths = {id(m): path for path, m in model.named_modules()}
+    returned = {id(t.ending.norm): t.module for t in planner.traced if t.ending is not None}
+    parent = {id(child): m for m in model.modules() for child in m.children()}
     other = []
     for path, m in model.named_modules():
         if not _norms.is_batch_norm(m) or _norms.is_fused(m) or id(m) in seen:
             continue
+        reason = "no traced forward calls it"
         if id(m) in returned:
             top = returned[id(m)]
-            caller = parents.get(id(model.get_submodule(top))) if top else None
-            reason = ("its output is the model's output" if not top else
-                      f"its output is returned by {top}, whose caller does not trace" if caller is None
-                      or id(model.get_submodule(paths[id(caller[1])])) in untraced else
-                      f"its output is returned by {top}, which no traced forward calls")
+            where = next(p for p, x in model.named_modules() if x is top) or "(model)"
+            reason = ("its output is the model's output" if top is model else
+                      f"its output is returned by {where}, whose caller does not trace"
+                      if id(parent[id(top)]) in untraced else f"its output is returned by {where}, which no "
+                      "traced forward calls")
         else:
-            reason = "no traced forward calls it"
-            ancestor = parents.get(id(m))
-            while ancestor is not None:
-                if id(ancestor[1]) in untraced:
-                    t = untraced[id(ancestor[1])]
-                    where = f"{t.path or '(model)'} ({type(t.module).__name__})"
-                    reason = f"inside {where}, whose forward does not trace ({t.error})"
-                    break
-                ancestor = parents.get(id(ancestor[1]))
+            ancestor = parent.get(id(m))
+            while ancestor is not None and id(ancestor) not in untraced:
+                ancestor = parent.get(id(ancestor))
+            if ancestor is not None:
+                t = untraced[id(ancestor)]
+                where = f"{t.path or '(model)'} ({type(t.module).__name__})"
+                reason = f"inside {where}, whose forward does not trace ({t.error})"
         other.append((path, reason))
     return other
 
