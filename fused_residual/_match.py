@@ -129,16 +129,16 @@ def _uses(user: torch.fx.Node, node: torch.fx.Node) -> int:
 class _Graph:
     """One traced module's graph, indexed for the matcher."""
 
-    def __init__(self, traced: Traced, registered: Counter, endings: dict[int, Ending]) -> None:
+    def __init__(self, traced: Traced, registered: Counter, calls: Counter,
+                 endings: dict[int, Ending]) -> None:
         self.t, self.root, self.registered, self.endings = traced, traced.module, registered, endings
+        self.calls = calls  # module id -> its calls in all traced forwards (an fx-flattened copy too)
         self.modules: dict[str, nn.Module] = {}
-        self.calls: Counter = Counter()
         self.read: set[str] = set()
         self.order = {n: i for i, n in enumerate(traced.graph.nodes)}
         for n in traced.graph.nodes:
             if n.op == "call_module":
                 self.modules[n.target] = self.root.get_submodule(n.target)
-                self.calls[n.target] += 1
             elif n.op == "get_attr":
                 self.read.add(n.target.rsplit(".", 1)[0])
 
@@ -180,8 +180,8 @@ class _Graph:
             return f"{what}has module hooks"
         if self.registered[id(m)] > 1:
             return f"{what}is registered under {self.registered[id(m)]} names"
-        if self.calls[node.target] > 1:
-            return f"{what}is called {self.calls[node.target]} times"
+        if self.calls[id(m)] > 1:
+            return f"{what}is called {self.calls[id(m)]} times"
         if node.target in self.read:
             return f"{what}has its parameters or buffers read by the forward"
         return None
@@ -358,9 +358,11 @@ def _ending(g: _Graph, sources: dict[torch.fx.Node, Source]) -> Ending | None:
     return Ending(g.t, src.node, src.norm, src.path, chain, src.ending, guarded)
 
 
-def analyze(traced: Traced, registered: Counter, endings: dict[int, Ending]) -> None:
-    """Fill `traced.sites`, `.left` and `.ending` from its graph (its children analyzed first)."""
-    g = _Graph(traced, registered, endings)
+def analyze(traced: Traced, registered: Counter, calls: Counter, endings: dict[int, Ending]) -> None:
+    """Fill `traced.sites`, `.left` and `.ending` from its graph (its children analyzed first);
+    `registered` and `calls`: how often each module (by id) is registered in the model and
+    called in all the traced forwards."""
+    g = _Graph(traced, registered, calls, endings)
     sources = {n: s for n in traced.graph.nodes if (s := g.source(n)) is not None}
     claimed: set[torch.fx.Node] = set()
     for node, src in sources.items():
@@ -369,7 +371,8 @@ def analyze(traced: Traced, registered: Counter, endings: dict[int, Ending]) -> 
             _match_source(g, src, sources, claimed)
     for site in traced.sites:
         if site.kind == "relu" and site.main.ending is None and site.relu.op == "call_module":
-            site.fold = g.calls[site.relu.target] == 1 and registered[id(g.modules[site.relu.target])] == 1
+            relu = g.modules[site.relu.target]
+            site.fold = calls[id(relu)] == 1 and registered[id(relu)] == 1
     if traced.reads_training:  # a rewritten forward would keep the mode it was traced in
         for site in [s for s in traced.sites if not s.fold]:
             traced.sites.remove(site)

@@ -40,6 +40,8 @@ class Planner:
         self.model, self.backend = model, backend
         registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.traced = trace_all(model)
+        calls = Counter(id(t.module.get_submodule(n.target)) for t in self.traced if t.graph is not None
+                        for n in t.graph.nodes if n.op == "call_module")
         endings: dict[int, Ending] = {}
         self.graphs: dict[int, tuple[torch.fx.Graph, dict]] = {}  # final graph of a module, node map
         self.prefixes: dict[int, Program] = {}
@@ -47,7 +49,7 @@ class Planner:
         for t in self.traced:
             if t.graph is None:
                 continue
-            analyze(t, registered, endings)
+            analyze(t, registered, calls, endings)
             if t.ending is not None:
                 endings[id(t.module)] = t.ending
             if t.rewrites:
@@ -98,10 +100,13 @@ class Planner:
                 self._replace(t, g, vm, site)
         program = _program(g)
         reason = picklable(program)
+        if isinstance(t.module, torch.fx.GraphModule):  # its own code, copies and pickles come from its graph
+            reason = "a torch.fx GraphModule's forward is its graph (convert the model before tracing it)"
         if reason is not None:  # keep the forward; its patterns are left, with the reason
             for site in [s for s in t.sites if not s.fold]:
                 t.sites.remove(site)
-                t.left.append((site.main.name, f"the rewritten forward would not pickle ({reason})"))
+                t.left.append((site.main.name, reason if reason.startswith("a torch.fx") else
+                               f"the rewritten forward would not pickle ({reason})"))
             return
         self.graphs[id(t.module)] = (g, vm)
         fused = tuple(s.main.name for s in t.sites if not s.fold and s.main.ending is None)

@@ -599,6 +599,26 @@ def test_untraced_parents_and_mode_dependent_forwards():
     assert "bn2: the forward that calls it reads self.training" in str(report)
 
 
+def test_graph_module_input():
+    """A model traced by torch.fx before convert() (create_feature_extractor flattens the
+    blocks into its root GraphModule; the block modules it keeps are never called): only what
+    needs no new forward fuses (the stem's ReLU module folded), the rest is left with the
+    reason, and the features are the same."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = create_feature_extractor(randomize_norms(tv.models.resnet18()).double().eval(), {"layer2": "c3"})
+    x = x64().double()
+    with torch.no_grad():
+        want = model(x)["c3"]
+    fused_residual.convert(model, backend=BACKEND)
+    report = fused_residual.convert_report(model)
+    assert (report.fused, report.left) == (1, 9), str(report)
+    assert "layer1.0.bn2: a torch.fx GraphModule's forward is its graph" in str(report)
+    with torch.no_grad():
+        assert_close("c3", model(x)["c3"], want)
+
+
 def test_convert_twice_changes_nothing_but_the_backend():
     torch.manual_seed(0)
     model = fused_residual.convert(CifarResNet(), backend=BACKEND)
