@@ -269,7 +269,7 @@ def _match_source(g: _Graph, src: Source, sources: dict[torch.fx.Node, Source], 
         t.left.append((src.name, reason))
         return
     if user.op == "output":
-        return  # the module's output: its caller decides (its Ending)
+        return  # the forward's output: its caller decides (the module's Ending), see `analyze`
     add = _add(user)
     if add is None:
         value = chain[-1] if chain else src.node
@@ -379,6 +379,12 @@ def analyze(traced: Traced, registered: Counter, calls: Counter, endings: dict[i
             why = "the forward that calls it reads self.training (a rewritten forward would keep one mode)"
             traced.left.extend((s.name, why) for s in (site.main, site.other) if s is not None)
     traced.ending = _ending(g, sources)
+    for node, src in sources.items():  # returned, but not as the module's Ending: nobody decides
+        if src.reason is None and g.follow(node)[0] is not None and g.follow(node)[0].op == "output" \
+                and (traced.ending is None or traced.ending.node is not node):
+            why = "its output is returned by the forward" + (
+                " (which reads self.training)" if traced.reads_training else " with other values")
+            traced.left.append((src.name, why))
 
 
 def trace_all(model: nn.Module) -> list[Traced]:
