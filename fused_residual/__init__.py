@@ -1,14 +1,15 @@
 """fused_residual: BatchNorm2d + residual add + ReLU fused into single memory-bound passes.
 
 Public API: `bn_add_relu`, `dual_bn_add_relu`, `BatchNormAddReLU2d`, `FusedResidualBlock`,
-`convert` (fuse the ResNet blocks of a torchvision or timm model in place), `convert_report`,
+`convert` (fuse every BatchNorm + ReLU / + add + ReLU a model computes, in place), `convert_report`,
+`unconvert`,
 `available_backends`; synchronized across processes (torch.distributed):
 `SyncBatchNormAddReLU2d`, `sync_bn_add_relu`, `sync_dual_bn_add_relu`,
 `convert_sync_batchnorm`.
 """
 
 from .backends import available_backends
-from .convert import ConvertReport, convert, convert_report
+from .convert import ConvertReport, convert, convert_report, unconvert
 from .distributed import (
     SyncBatchNormAddReLU2d,
     convert_sync_batchnorm,
@@ -31,5 +32,6 @@ __all__ = [
     "dual_bn_add_relu",
     "sync_bn_add_relu",
     "sync_dual_bn_add_relu",
+    "unconvert",
 ]
 __version__ = "0.1.0"

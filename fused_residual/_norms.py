@@ -1,12 +1,13 @@
 """The norm layers `convert` fuses, one `NormKind` each, listed in `norm_kinds()`: the one
-place a new kind is added.
+place a new kind is added. The bottom of the convert layer: it imports the modules layer
+(`modules`, `distributed.modules`, `_torchvision`) and nothing of the convert layer.
 
 A kind pairs the class models are built with (`plain`: nn.BatchNorm2d, nn.SyncBatchNorm,
 torchvision's FrozenBatchNorm2d) with its fused subclass (`fused`: a `modules.FusedNorm` that
 only adds `forward(input, residual=None)`), and says how to read a module of either class into a
-`NormState` (what a downsampling block's dual op reads from its shortcut norm, which keeps
-its plain class) and whether its statistics are synchronized across processes (over the
-module's `process_group`). Only exact classes match: a subclass may have its own forward.
+`NormState` (what a dual op reads from the second norm, which keeps its plain class) and
+whether its statistics are synchronized across processes (over the module's
+`process_group`). Only exact classes match: a subclass may have its own forward.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed.modules import SyncBatchNormAddReLU2d
 from .modules import BatchNormAddReLU2d, FusedNorm, NormState, batch_norm_state
@@ -29,6 +31,8 @@ class NormKind:
 
 
 _KINDS: list[NormKind] = []
+_BY_CLASS: dict[type, NormKind] = {}  # plain and fused class -> kind (one lookup per call)
+_FROZEN: list[type] = []  # torchvision's FrozenBatchNorm2d, when torchvision is installed
 
 
 def norm_kinds() -> tuple[NormKind, ...]:
@@ -38,24 +42,39 @@ def norm_kinds() -> tuple[NormKind, ...]:
         kinds = [NormKind(nn.BatchNorm2d, BatchNormAddReLU2d, batch_norm_state),
                  NormKind(nn.SyncBatchNorm, SyncBatchNormAddReLU2d, batch_norm_state, synchronized=True)]
         try:
-            from ._torchvision import FROZEN_BATCH_NORM
+            from ._torchvision import FrozenBatchNorm2d, FrozenBatchNormAddReLU2d, frozen_batch_norm_state
         except ImportError:  # no torchvision: no FrozenBatchNorm2d either
             pass
         else:
-            kinds.append(FROZEN_BATCH_NORM)
+            kinds.append(NormKind(FrozenBatchNorm2d, FrozenBatchNormAddReLU2d, frozen_batch_norm_state))
+            _FROZEN.append(FrozenBatchNorm2d)
         _KINDS.extend(kinds)
+        _BY_CLASS.update({cls: kind for kind in kinds for cls in (kind.plain, kind.fused)})
     return tuple(_KINDS)
 
 
 def kind_of(module: object) -> NormKind | None:
-    for kind in norm_kinds():
-        if type(module) in (kind.plain, kind.fused):
-            return kind
-    return None
+    """The kind of a norm of a kind convert() fuses, plain or fused; None otherwise."""
+    if not _BY_CLASS:
+        norm_kinds()
+    return _BY_CLASS.get(type(module))
+
+
+def plain_kind(module: object) -> NormKind | None:
+    """The kind of a plain norm (its exact class is the kind's plain class)."""
+    kind = kind_of(module)
+    return kind if kind is not None and type(module) is kind.plain else None
 
 
 def is_fused(module: object) -> bool:
     return isinstance(module, FusedNorm)
+
+
+def is_batch_norm(module: object) -> bool:
+    """Any BatchNorm (1d/2d/3d, synchronized, frozen, fused or a subclass): what the report
+    accounts for, fused or left with a reason."""
+    norm_kinds()
+    return isinstance(module, _BatchNorm) or (bool(_FROZEN) and isinstance(module, _FROZEN[0]))
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -64,16 +83,8 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def why_not_fusable(module: object, name: str) -> str | None:
-    """None when `module` is a norm convert() can fuse; else the reason, for the report."""
-    if module is None:
-        return f"no {name}"
-    if kind_of(module) is None:
-        names = ", ".join(k.plain.__name__ for k in norm_kinds())
-        return f"{name} is a {type(module).__name__}, not a norm convert() fuses ({names})"
-    if has_hooks(module):
-        return f"{name} has module hooks"
-    return None
+def names() -> str:
+    return ", ".join(k.plain.__name__ for k in norm_kinds())
 
 
 def norm_state(module: nn.Module) -> NormState:
@@ -91,10 +102,18 @@ def fuse(module: nn.Module, backend: str) -> None:
     module.backend = backend
 
 
+def unfuse(module: nn.Module) -> None:
+    """Undo `fuse`: the kind's plain class, without the `backend` attribute."""
+    kind = kind_of(module)
+    if kind is not None and type(module) is kind.fused:
+        module.__class__ = kind.plain
+        module.__dict__.pop("backend", None)
+
+
 def dual_compatible(norm: nn.Module, norm2: nn.Module) -> bool:
     """Whether one dual op can normalize with both norms (each of a known kind): neither is
     synchronized, or both are, over the same `process_group` object (or both None, the WORLD
-    group) and in the same train/eval mode; otherwise the shortcut's norm runs as a module."""
+    group) and in the same train/eval mode; otherwise the second norm runs as a module."""
     kind, kind2 = kind_of(norm), kind_of(norm2)
     if not (kind.synchronized or kind2.synchronized):
         return True

@@ -1,149 +1,197 @@
-"""`convert(model)`: fuse the BatchNorm + ReLU and BatchNorm + add + ReLU parts of the ResNet
-blocks and stems in a model, in place; `convert_report(model)`: what it fuses and why the
-rest is left.
+"""`convert(model)`: fuse, in place, every BatchNorm → ReLU, BatchNorm → add → ReLU and
+BatchNorm + BatchNorm → add → ReLU that a model computes, whatever its classes;
+`convert_report(model)`: what it fuses and why each other BatchNorm is left;
+`unconvert(model)`: back to the original classes.
 
-Recognized (adapters: `_torchvision.py`, `_timm.py`, the shared layouts in `_blocks.py`):
-torchvision's `BasicBlock` / `Bottleneck` and `ResNet` stem, the body of a torchvision
-detection backbone (`IntermediateLayerGetter`), timm's ResNet-family blocks and stems, and
-subclasses or copies of these blocks that compute what they compute. Norms: nn.BatchNorm2d
-and torchvision's FrozenBatchNorm2d (`_norms.py`, where a new kind is added).
+How (the convert layer, bottom up): `_norms` (the norm kinds), `_blocks` (what a converted
+model runs), `_programs` (rewritten forwards as data), `_trace` (shallow torch.fx traces),
+`_match` (the data-flow matcher), `_rewrite` (plan to model, and back).
 
 Nothing is replaced but classes: a fused norm's `__class__` becomes its fused subclass
-(`BatchNormAddReLU2d`, `FrozenBatchNormAddReLU2d`), a block's its fused subclass, and a stem
-ReLU that the fused norm now applies becomes nn.Identity. So attribute names, Parameters,
+(`BatchNormAddReLU2d`, `SyncBatchNormAddReLU2d`, `FrozenBatchNormAddReLU2d`), a module whose
+forward holds a pattern becomes a subclass of its class with a rewritten forward, and a ReLU
+module that a fused norm now applies becomes a `FoldedReLU`. So attribute names, Parameters,
 buffers, state_dict keys, hooks, requires_grad flags, train/eval mode and device/dtype/
-memory format carry over, and checkpoints load into and out of a converted model unchanged.
+memory format carry over, checkpoints load into and out of a converted model unchanged, and
+`unconvert` swaps every class back.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from . import _norms
-from ._blocks import BlockPlan
+from . import _norms, _rewrite
+from ._programs import base_class
 from .backends import check_backend_name
 
 
-def _planners() -> list:
-    planners = []
-    try:
-        from . import _torchvision
-    except ImportError:
-        pass
-    else:
-        planners.append(_torchvision.plan)
-    # A model holding timm modules has imported timm: don't import it (seconds) otherwise.
-    if "timm" in sys.modules:
-        try:
-            from . import _timm
-        except ImportError:  # a timm without timm.models.resnet's blocks
-            pass
-        else:
-            planners.append(_timm.plan)
-    return planners
+@dataclass
+class ModuleReport:
+    """One module whose forward calls norms (directly or through a child that ends in one):
+    the patterns fused (labels, e.g. "bn2+downsample.1+add+relu") and each norm left, with why."""
+
+    path: str
+    cls: str
+    fused: list[str] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)  # (norm path from here, reason)
+
+    def line(self) -> str:
+        parts = ([f"fused {', '.join(self.fused)}"] if self.fused else []) + \
+                ([f"left {'; '.join(f'{n}: {r}' for n, r in self.left)}"] if self.left else [])
+        return f"  {self.path or '(model)'} [{self.cls}]: {'; '.join(parts)}"
 
 
 @dataclass
 class ConvertReport:
-    """Per recognized block or stem (by module path): the parts fused, the parts left and
-    why; and the norm layers outside any recognized block, which convert() leaves alone."""
+    """What convert() fuses in a model: per module, the patterns fused and the norms left
+    with their reasons; the modules whose forward does not trace (their children are traced
+    on their own); the norms no traced forward calls; totals."""
 
     model: str
-    blocks: list[tuple[str, BlockPlan]]
-    other_norms: list[str]
+    modules: list[ModuleReport]
+    untraced: list[tuple[str, str, str]]  # (path, class, first line of the reason)
+    other: list[tuple[str, str]]  # (norm path, reason): norms seen in no traced forward
+    fused_norms: int  # norms fused (a dual pattern fuses two)
+    left: int  # norms left (each BatchNorm of the model is fused or left)
 
     @property
     def fused(self) -> int:
-        """The number of fused parts (each one fused op in the forward)."""
-        return sum(p.fuses for _, b in self.blocks for p in b.parts)
+        """The number of fused patterns (each one fused op in the forward)."""
+        return sum(len(m.fused) for m in self.modules)
 
-    @property
-    def left(self) -> int:
-        return sum(not p.fuses for _, b in self.blocks for p in b.parts)
+    def reasons(self) -> list[str]:
+        seen = [r for m in self.modules for _, r in m.left] + [r for _, r in self.other]
+        return list(dict.fromkeys(seen))
 
     def __str__(self) -> str:
         lines = [f"fused_residual.convert report for {self.model}:"]
-        full = partial = none = 0
-        for name, block in self.blocks:
-            done = [p.label for p in block.parts if p.fuses]
-            left = [f"{p.label}: {p.reason}" for p in block.parts if not p.fuses]
-            if block.note:
-                left.append(block.note)
-            full += bool(done) and not left
-            partial += bool(done) and bool(left)
-            none += not done
-            text = "; ".join(([f"fused {', '.join(done)}"] if done else [])
-                             + ([f"left {'; '.join(left)}"] if left else []))
-            lines.append(f"  {name or '(model)'} [{block.kind}]: {text}")
-        lines.append(
-            f"totals: {len(self.blocks)} blocks/stems: {full} fully fused, {partial} partly, {none} not; "
-            f"{self.fused} parts fused, {self.left} left; {len(self.other_norms)} norm layers outside "
-            f"them left as they are"
-            + (f" ({', '.join(self.other_norms[:6])}{', ...' if len(self.other_norms) > 6 else ''})"
-               if self.other_norms else ""))
+        lines += [m.line() for m in self.modules]
+        lines += [f"  not traced: {path or '(model)'} [{cls}]: {why}" for path, cls, why in self.untraced]
+        lines += [f"  other norms: {path}: {why}" for path, why in self.other]
+        full = sum(bool(m.fused) and not m.left for m in self.modules)
+        partly = sum(bool(m.fused) and bool(m.left) for m in self.modules)
+        none = len(self.modules) - full - partly
+        lines.append(f"totals: {len(self.modules)} modules call norms: {full} fully fused, {partly} partly, "
+                     f"{none} not; {self.fused} patterns fused ({self.fused_norms} norms), {self.left} norms "
+                     f"left; {len(self.untraced)} modules do not trace")
         return "\n".join(lines)
 
 
-def _plan(model: nn.Module) -> ConvertReport:
-    planners = _planners()
-    blocks, covered = [], set()
-    for name, module in model.named_modules():
-        for plan in planners:
-            block = plan(module)
-            if block is not None:
-                blocks.append((name, block))
-                # A block's norms are all its own (fused, read or left); a stem's, its pairs'.
-                inside = block.block.modules() if block.block is not None else ()
-                covered.update(id(m) for m in inside)
-                covered.update(id(m) for part in block.parts for m in part.norms)
-                break
-    other = [name for name, m in model.named_modules()
-             if _norms.kind_of(m) is not None and id(m) not in covered]
-    return ConvertReport(type(model).__name__, blocks, other)
+def _report(model: nn.Module, planner: _rewrite.Planner) -> ConvertReport:
+    fused, left, modules, untraced = set(), {}, [], []
+    for t in planner.traced:
+        if t.graph is None:
+            untraced.append((t.path, type(t.module).__name__, t.error))
+            continue
+        if not t.sites and not t.left:
+            continue
+        report = ModuleReport(t.path, base_class(type(t.module)).__name__, [s.label for s in t.sites])
+        for site in t.sites:
+            fused.update(id(s.norm) for s in (site.main, site.other) if s is not None)
+        for name, why in t.left:
+            norm = t.module.get_submodule(name)
+            if id(norm) not in left and id(norm) not in fused:
+                left[id(norm)] = why
+                report.left.append((name, why))
+        modules.append(report)
+    modules.sort(key=lambda m: [int(p) if p.isdigit() else p for p in m.path.split(".")] if m.path else [])
+    other = _other_norms(model, planner, fused | set(left))
+    return ConvertReport(base_class(type(model)).__name__, modules, untraced[::-1], other,
+                         sum(s.norms for t in planner.traced for s in t.sites), len(left) + len(other))
+
+
+def _other_norms(model: nn.Module, planner: _rewrite.Planner, seen: set[int]) -> list[tuple[str, str]]:
+    """Each norm no traced forward decides about, with why: its output is what a module
+    returns and that module's caller does not trace (or it is the model's output), or it is
+    called by a forward that does not trace, or by none."""
+    untraced = {id(t.module): t for t in planner.traced if t.graph is None}
+    returned = {id(t.ending.norm): t.module for t in planner.traced if t.ending is not None}
+    parent = {id(child): m for m in model.modules() for child in m.children()}
+    other = []
+    for path, m in model.named_modules():
+        if not _norms.is_batch_norm(m) or _norms.is_fused(m) or id(m) in seen:
+            continue
+        reason = "no traced forward calls it"
+        if id(m) in returned:
+            top = returned[id(m)]
+            where = next(p for p, x in model.named_modules() if x is top) or "(model)"
+            reason = ("its output is the model's output" if top is model else
+                      f"its output is returned by {where}, whose caller does not trace"
+                      if id(parent[id(top)]) in untraced else f"its output is returned by {where}, which no "
+                      "traced forward calls")
+        else:
+            ancestor = parent.get(id(m))
+            while ancestor is not None and id(ancestor) not in untraced:
+                ancestor = parent.get(id(ancestor))
+            if ancestor is not None:
+                t = untraced[id(ancestor)]
+                where = f"{t.path or '(model)'} ({type(t.module).__name__})"
+                reason = f"inside {where}, whose forward does not trace ({t.error})"
+        other.append((path, reason))
+    return other
+
+
+def _check(model: object, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}() expects an nn.Module, got {type(model).__name__}")
 
 
 def convert_report(model: nn.Module) -> ConvertReport:
-    """What `convert(model)` fuses, per block and stem, and what it leaves and why, without
-    changing the model (on a converted model: what is fused). `str()` of it is the text that
+    """What `convert(model)` fuses, per module, and what it leaves and why, without changing
+    the model (on a converted model: what is fused). `str()` of it is the text that
     `convert(model, verbose=True)` prints."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert_report() expects an nn.Module, got {type(model).__name__}")
-    return _plan(model)
+    _check(model, "convert_report")
+    saved = _rewrite.snapshot(model)
+    try:
+        _rewrite.unconvert(model)
+        return _report(model, _rewrite.Planner(model, "auto"))
+    finally:
+        _rewrite.restore(saved)
 
 
 def convert(model: nn.Module, *, backend: str = "auto", verbose: bool = False) -> nn.Module:
-    """Fuse, in place, every exactly equivalent BatchNorm + ReLU and BatchNorm + add + ReLU of
-    the torchvision and timm ResNet blocks and stems in `model` (and of copies of their
-    blocks); returns `model`.
+    """Fuse, in place, every exactly equivalent BatchNorm → ReLU, BatchNorm → add → ReLU and
+    BatchNorm + BatchNorm → add → ReLU that `model` computes (found by tracing what each
+    module computes with torch.fx, whatever its class); returns `model`.
 
     `backend` ("auto", "extension", "triton" or "reference") is stored on each fused norm
-    and resolved per call from the tensors' device, so a converted model may move between
-    devices. Converting again only changes the backend. `verbose=True` prints the report
-    (`convert_report`): per block, what was fused, what was left and why, and the totals.
-    Otherwise a single RuntimeWarning says so when nothing was fused. Raises TypeError for a
-    non-Module, ValueError for an unknown backend.
+    and call site and resolved per call from the tensors' device, so a converted model may
+    move between devices. Converting again re-plans the unconverted model (a norm since
+    replaced is fused again), with the given backend. `verbose=True` prints the report
+    (`convert_report`); otherwise one RuntimeWarning says so when nothing was fused.
+    Raises TypeError for a non-Module, ValueError for an unknown backend.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
+    _check(model, "convert")
     check_backend_name(backend)
-    report = _plan(model)
-    for _, block in report.blocks:
-        block.apply(backend)
+    _rewrite.unconvert(model)
+    planner = _rewrite.Planner(model, backend)
+    planner.apply()
+    report = _report(model, planner)
     if verbose:
         print(report)
     elif report.fused == 0:
-        reasons = sorted({p.reason for _, b in report.blocks for p in b.parts if p.reason}
-                         | {b.note for _, b in report.blocks if b.note})
-        found = (f"{len(report.blocks)} blocks/stems found, none fusable ({'; '.join(reasons[:3])})"
-                 if report.blocks else "no torchvision or timm ResNet block or stem found")
-        warnings.warn(
-            f"fused_residual.convert fused nothing in {report.model}: {found}; "
-            f"fused_residual.convert_report(model) lists why",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        reasons = report.reasons()
+        if reasons:
+            found = f"{report.left} BatchNorm layers, none fusable ({'; '.join(reasons[:3])})"
+        else:
+            kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+            found = f"no BatchNorm layer to fuse (norm layers: {', '.join(kinds) if kinds else 'none'})"
+        warnings.warn(f"fused_residual.convert fused nothing in {report.model}: {found}; "
+                      f"fused_residual.convert_report(model) lists why", RuntimeWarning, stacklevel=2)
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Undo `convert` in place; returns `model`. Every class convert() swapped is swapped back
+    (fused norms to their plain class, as `nn.SyncBatchNorm` for one synchronized since,
+    rewritten modules to their own class, FoldedReLU modules to nn.ReLU) and the attributes it
+    added are removed: Parameters, buffers, state_dict, hooks and modes are untouched, and the
+    model computes exactly what it did before convert(). Modules built fused (e.g.
+    `FusedResidualBlock`, a `BatchNormAddReLU2d` in a model's own code) stay as they are.
+    Raises TypeError for a non-Module."""
+    _check(model, "unconvert")
+    _rewrite.unconvert(model)
     return model

@@ -38,6 +38,7 @@ from helpers import DEVICE, FUSED_BACKENDS, is_slow
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_residual
+from fused_residual._blocks import FoldedReLU
 
 tv = pytest.importorskip("torchvision")
 from model_checks import FusedOpAudit, assert_reference_conversion_is_original, step  # noqa: E402
@@ -146,7 +147,7 @@ def test_structure_and_ops(arch, blocks, dual):
     assert list(model.state_dict()) == keys
     assert [n for n, _ in model.named_modules()] == names
     assert all(p is params_before[n] for n, p in model.named_parameters())
-    assert isinstance(model.bn1, fused_residual.BatchNormAddReLU2d) and isinstance(model.relu, nn.Identity)
+    assert isinstance(model.bn1, fused_residual.BatchNormAddReLU2d) and isinstance(model.relu, FoldedReLU)
     block_types = tv.models.resnet.BasicBlock | tv.models.resnet.Bottleneck
     fused_blocks = [m for m in model.modules() if isinstance(m, block_types)]
     assert len(fused_blocks) == blocks and all(type(b).__name__.startswith("Fused") for b in fused_blocks)
@@ -343,12 +344,12 @@ def test_bad_input():
         fused_residual.convert(tv.models.resnet18().state_dict())
     with pytest.raises(ValueError, match="unknown backend"):
         fused_residual.convert(tv.models.resnet18(), backend="cudnn")
-    # Nothing to fuse: the model comes back unchanged, with one warning.
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    # Nothing to fuse (a LeakyReLU): the model comes back unchanged, with one warning.
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU())
     with pytest.warns(RuntimeWarning, match="fused nothing in Sequential") as record:
         assert fused_residual.convert(plain) is plain
     assert len([w for w in record if "fused_residual" in str(w.message)]) == 1
-    assert type(plain[1]) is nn.BatchNorm2d and type(plain[2]) is nn.ReLU
+    assert type(plain[1]) is nn.BatchNorm2d and type(plain[2]) is nn.LeakyReLU
 
 
 def test_other_norm_layers_are_left_alone():

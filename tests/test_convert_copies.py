@@ -1,8 +1,9 @@
-"""Models outside torchvision and timm: subclasses of torchvision's blocks and ResNet, and
-copies of a block (same attribute names, a forward that compiles to the same code) fuse and
-stay instances of their own class; a subclass with its own forward, or a block that computes
-something else, is left as it is (the report says why). A converted model with such classes
-round-trips through torch.save / torch.load in a fresh process.
+"""Models outside torchvision and timm: subclasses of torchvision's blocks and ResNet, copies
+of a block, and blocks that compute something else. convert() fuses by data flow, so each
+fuses exactly its patterns whatever its class (a subclass with its own forward too: a scaled
+shortcut is still norm → add → ReLU) and stays an instance of its own class, with its own
+methods. A converted model with such classes round-trips through torch.save / torch.load in
+a fresh process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 from helpers import DEVICE, FUSED_BACKENDS, is_slow
 
 import fused_residual
+from fused_residual._blocks import FoldedReLU
 
 tv = pytest.importorskip("torchvision")
 from model_checks import randomize_norms  # noqa: E402
@@ -106,35 +108,33 @@ def net() -> nn.Sequential:
     )).to(DEVICE)
 
 
-def test_subclasses_and_copies_fuse_exactly_equivalent_blocks_only():
+def test_subclasses_and_copies_fuse_their_patterns():
     original = net()
     fused = fused_residual.convert(copy.deepcopy(original), backend=BACKEND)
-    kinds = [type(b) for b in fused]
-    assert isinstance(fused[0], TaggedBlock) and kinds[0] is not TaggedBlock
+    classes = (TaggedBlock, CopiedBlock, OwnForwardBlock, LookalikeBlock, CopiedBlock)
+    for block, cls in zip(fused, classes, strict=True):  # rewritten forwards, subclasses of their class
+        assert isinstance(block, cls) and type(block).__name__ == f"Fused{cls.__name__}"
     assert fused[0].describe() == "tagged 8->8"  # the subclass's own methods stay
-    assert isinstance(fused[1], CopiedBlock) and kinds[1].__name__ == "FusedCopiedBlock"
-    assert kinds[2] is OwnForwardBlock and kinds[3] is LookalikeBlock  # untouched
-    assert type(fused[2].bn1) is nn.BatchNorm2d and type(fused[3].bn2) is nn.BatchNorm2d
-    assert type(fused[1].bn2) is fused_residual.BatchNormAddReLU2d
+    assert type(fused[2].bn2) is type(fused[3].bn2) is fused_residual.BatchNormAddReLU2d
+    assert type(fused[1].downsample[1]) is nn.BatchNorm2d  # read by the dual op
     report = str(fused_residual.convert_report(fused))
-    assert "1 [torchvision BasicBlock]: fused bn1+relu, bn2+downsample.1+add+relu" in report
-    assert "OwnForwardBlock overrides forward" in report
-    assert "LookalikeBlock" not in report
-    # Structure (the reference conversion is the original bit for bit: the fused copies and
-    # subclasses compute what they replace) and every fused op within its bound, training and
-    # eval (tests/model_checks.py).
+    assert "  1 [CopiedBlock]: fused bn1+relu, bn2+downsample.1+add+relu" in report
+    assert "  2 [OwnForwardBlock]: fused bn1+relu, bn2+add+relu" in report  # relu(bn2 + 0.5 * shortcut)
+    assert "  3 [LookalikeBlock]: fused bn1+relu, bn2+relu" in report  # ReLU before its add
+    assert fused_residual.convert_report(fused).fused_norms == 11
     x = torch.relu(torch.randn(2, 8, 8, 8, device=DEVICE))
     for training in (True, False):
         check_converted(fused, original, x, training, expect_ops=() if BACKEND == "reference" else ("apply",))
 
 
-def test_resnet_subclass_with_own_forward_keeps_its_stem():
+def test_resnet_subclass_with_own_forward_fuses_its_stem():
     torch.manual_seed(0)
     model = MyResNet(BasicBlock, [1, 1, 1, 1])
     fused_residual.convert(model, backend=BACKEND)
-    assert type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU  # its forward uses them
+    assert type(model) is MyResNet  # the ReLU module is folded: the forward is kept
+    assert type(model.bn1) is fused_residual.BatchNormAddReLU2d and type(model.relu) is FoldedReLU
     assert type(model.layer1[0]).__name__ == "FusedBasicBlock"
-    assert "MyResNet overrides forward" in str(fused_residual.convert_report(model))
+    assert "  (model) [MyResNet]: fused bn1+relu" in str(fused_residual.convert_report(model))
 
 
 def test_torch_save_load_in_a_fresh_process():

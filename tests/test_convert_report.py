@@ -1,6 +1,6 @@
-"""convert_report(model) and convert(model, verbose=True): per block what fuses and what is
-left and why, the totals; the report changes nothing; without verbose, one warning when
-nothing was fused and none otherwise."""
+"""convert_report(model) and convert(model, verbose=True): per module the patterns fused and
+each BatchNorm left with why, the totals; the report changes nothing; without verbose, one
+warning when nothing was fused and none otherwise."""
 
 from __future__ import annotations
 
@@ -35,15 +35,17 @@ def test_report_lists_fused_and_left_parts_and_changes_nothing():
     text = str(report)
     lines = text.splitlines()
     assert lines[0] == "fused_residual.convert report for ResNet:"
-    assert "  (model) [torchvision ResNet stem]: fused bn1+relu" in lines
-    assert "  layer1.0 [torchvision BasicBlock]: fused bn2+add+relu; left bn1 → relu: bn1 has module hooks" \
-        in lines
-    assert ("  layer3.1 [torchvision BasicBlock]: left bn1 → relu: activation relu is LeakyReLU, not ReLU; "
-            "bn2 → add: activation relu is LeakyReLU, not ReLU") in lines
-    assert "  layer2.0 [torchvision BasicBlock]: fused bn1+relu, bn2+downsample.1+add+relu" in lines
-    assert lines[-1] == ("totals: 9 blocks/stems: 7 fully fused, 1 partly, 1 not; 14 parts fused, 3 left; "
-                         "1 norm layers outside them left as they are (head_norm)")
-    assert (report.fused, report.left) == (14, 3)
+    assert "  (model) [ResNet]: fused bn1+relu" in lines
+    assert "  layer1.0 [BasicBlock]: fused bn2+add+relu; left bn1: has module hooks" in lines
+    assert ("  layer3.1 [BasicBlock]: left bn1: its output goes to relu (LeakyReLU), not to a ReLU or an "
+            "add; bn2: its sum goes to relu (LeakyReLU), not a ReLU") in lines
+    assert "  layer2.0 [BasicBlock]: fused bn1+relu, bn2+downsample.1+add+relu" in lines
+    assert ("  fc [Sequential]: left 0: is a BatchNorm1d, not a norm convert() fuses (BatchNorm2d, "
+            "SyncBatchNorm, FrozenBatchNorm2d)") in lines
+    assert "  other norms: head_norm: no traced forward calls it" in lines
+    assert lines[-1] == ("totals: 10 modules call norms: 7 fully fused, 1 partly, 2 not; 14 patterns fused "
+                         "(17 norms), 5 norms left; 0 modules do not trace")
+    assert (report.fused, report.fused_norms, report.left) == (14, 17, 5)
 
 
 def test_convert_verbose_prints_the_report_and_fuses_what_it_says(capsys):
@@ -67,13 +69,14 @@ def test_convert_verbose_prints_the_report_and_fuses_what_it_says(capsys):
 
 def test_nothing_fused_warns_once_and_verbose_does_not_warn(capsys):
     model = tv.models.resnet18(norm_layer=lambda c: nn.GroupNorm(2, c))
-    with pytest.warns(RuntimeWarning, match=r"fused nothing in ResNet: 9 blocks/stems found") as record:
+    with pytest.warns(RuntimeWarning, match=r"fused nothing in ResNet: no BatchNorm layer to fuse \(norm "
+                                             r"layers: GroupNorm\)") as record:
         fused_residual.convert(copy.deepcopy(model))
     assert len([w for w in record if "fused_residual" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused_residual.convert(model, verbose=True)
     out = capsys.readouterr().out
-    assert "0 parts fused, 17 left" in out and "bn1 is a GroupNorm, not a norm convert() fuses" in out
+    assert "0 patterns fused (0 norms), 0 norms left" in out
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fused_residual.convert_report(model.state_dict())

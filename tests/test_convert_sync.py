@@ -252,7 +252,8 @@ def test_dual_tail_needs_both_norms_synchronized_alike(change):
         else:
             shortcut.eval()
     report = str(fused_residual.convert_report(model))
-    assert "layer2.0 [torchvision BasicBlock]: fused bn1+relu, bn2+add+relu" in report, report
+    assert "layer2.0 [BasicBlock]: fused bn1+relu, bn2+add+relu; left downsample.1: it is added to bn2 but " \
+           "synchronized differently" in report, report
     assert report.count(DUAL_LABEL) == 2
     if BACKEND != "reference":
         assert fused_counts(copy.deepcopy(model), X)["bn_dual_apply"] == 2

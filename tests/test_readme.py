@@ -73,7 +73,7 @@ def test_readme_hook_claims():
             lambda module, args, out, name=name: seen.__setitem__(name, out.detach()))
     old_relu = model.relu
     report = str(fused_residual.convert_report(model))
-    assert "bn1 has module hooks" in report and "relu has module hooks" in report, report
+    assert "bn1: has module hooks" in report and "ReLU module relu has module hooks" in report, report
     fused_residual.convert(model)
     assert model.relu is old_relu and type(model.bn1) is torch.nn.BatchNorm2d
     assert type(model.layer2[0].downsample[1]) is torch.nn.BatchNorm2d
