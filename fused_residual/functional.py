@@ -16,7 +16,14 @@ from .autograd import (
     fused_forward,
 )
 from .backends import backend_ops, device_type_of, dual_apply_served, resolve_backend
-from .checks import check_input, check_like, check_like_input, check_per_channel
+from .checks import (
+    RunningStatsError,
+    check_dtypes_as_nn,
+    check_input,
+    check_like,
+    check_like_input,
+    check_per_channel,
+)
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 
@@ -72,15 +79,15 @@ def check_arguments(
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"running_mean{suffix} and running_var{suffix} must both be given or both be None")
     if not training and running_mean is None:
-        raise ValueError(f"running_mean{suffix} and running_var{suffix} must be defined in evaluation "
-                         f"mode (training{suffix}=False)")
+        raise RunningStatsError(f"running_mean{suffix} and running_var{suffix} must be defined in "
+                                f"evaluation mode (training{suffix}=False)")
     if eps < 0 or (eps == 0 and (training or not _ZERO_EPS_IN_EVAL)):
         where = " in training" if training and _ZERO_EPS_IN_EVAL else ""
         raise ValueError(f"eps{suffix} must be positive{where}, got {eps}")
     if training and not synchronized and shape[0] * shape[2] * shape[3] == 1 and shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(shape)}")
-
+    check_dtypes_as_nn(input, weight, bias, running_mean, running_var, training, eps, suffix)
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
