@@ -24,6 +24,7 @@ from .checks import (
     check_like_input,
     check_per_channel,
 )
+from .decompositions import exporting_unfused
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 
@@ -133,6 +134,10 @@ def bn_add_relu(
     with respect to input, residual, weight and bias, in training and eval mode. `backend` is
     "auto", "extension", "triton" or "reference"; see `available_backends`.
     """
+    if exporting_unfused():  # (decompositions.py) the unfused composition, checked by F.batch_norm
+        return bn_add_relu_reference(
+            input, residual, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     check_arguments(input, residual, running_mean, running_var, weight, bias, training, eps)
     name = resolve_backend(backend, device_type_of(input))
     if name == "reference":
@@ -195,6 +200,11 @@ def dual_bn_add_relu(
     training2 = training if training2 is None else training2
     momentum2 = momentum if momentum2 is None else momentum2
     eps2 = eps if eps2 is None else eps2
+    if exporting_unfused():  # (decompositions.py) the unfused composition, checked by F.batch_norm
+        return dual_bn_add_relu_reference(
+            input, running_mean, running_var, weight, bias, input2, running_mean2, running_var2,
+            weight2, bias2, training, momentum, eps, training2, momentum2, eps2,
+        )
     check_arguments(input, None, running_mean, running_var, weight, bias, training, eps)
     check_like_input(input2, input, "input2")
     check_arguments(input2, None, running_mean2, running_var2, weight2, bias2, training2, eps2,

@@ -404,6 +404,10 @@ def test_documented_differences():
     with pytest.raises(TypeError, match="residual dtype"):
         fused_residual.bn_add_relu(x, r64, rm.clone(), rv.clone(), training=True)
     assert fused_residual.BatchNormAddReLU2d(3, device=DEVICE)(x, r64).dtype == torch.float32
+    # While exporting, the functional forms are nn's composition: a broadcast residual is taken.
+    with fused_residual.unfused():
+        out = fused_residual.bn_add_relu(x, x[:1], rm.clone(), rv.clone(), training=True)
+    torch.testing.assert_close(out, F.relu(F.batch_norm(x, rm.clone(), rv.clone(), training=True) + x[:1]))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="nn's float32 sum of bfloat16 is its CPU kernel's")
