@@ -170,6 +170,26 @@ def _per_count(v, count, inv_count, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, center, SQUARE: tl.constexpr,
+                  BLOCK_J: tl.constexpr):
+    """Per `bad` channel, in fp64: sum(x - center), or with SQUARE sum((x - center)^2), over
+    n < N, j < HW, the element (n, c, j) being at x_ptr + chan_c + n*plane + j*j_stride."""
+    rj = tl.arange(0, BLOCK_J)[:, None]
+    total = tl.zeros(center.shape, dtype=tl.float64)
+    ptrs = x_ptr + chan
+    for _ in range(N):
+        for j0 in range(0, HW, BLOCK_J):
+            j = j0 + rj
+            valid = (j < HW) & bad[None, :]
+            d = tl.load(ptrs + j * j_stride, mask=valid, other=0.0).to(tl.float64) - center[None, :]
+            if SQUARE:
+                d = d * d
+            total += tl.sum(tl.where(valid, d, 0.0), 0)
+        ptrs += plane
+    return total
+
+
+@triton.jit
 def _exact_moments(x_ptr, ch, bad, N, C, HW, shift_stride, j_stride, inv_count,
                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """The rare path of `_stats_merge_kernel`, for the `bad` channels, whose merged mean is
@@ -179,27 +199,11 @@ def _exact_moments(x_ptr, ch, bad, N, C, HW, shift_stride, j_stride, inv_count,
     count. So +inf among finite values gives mean +inf, -inf gives -inf, NaN or both
     infinities NaN, and var is NaN. Element (n, c, j) is at n*C*HW + c*shift_stride +
     j*j_stride (NCHW: j_stride 1; NHWC: C). Two reads of those channels."""
-    rj = tl.arange(0, BLOCK_J)[:, None]
     chan = ch.to(tl.int64)[None, :] * shift_stride
     plane = C * HW  # one sample's elements (N*C*HW may pass 2^31, C*HW does not)
-    total = tl.zeros([BLOCK_C], dtype=tl.float64)
-    ptrs = x_ptr + chan
-    for _ in range(N):
-        for j0 in range(0, HW, BLOCK_J):
-            j = j0 + rj
-            valid = (j < HW) & bad[None, :]
-            total += tl.sum(tl.load(ptrs + j * j_stride, mask=valid, other=0.0).to(tl.float64), 0)
-        ptrs += plane
-    mean = total * inv_count
-    sq = tl.zeros([BLOCK_C], dtype=tl.float64)
-    ptrs = x_ptr + chan
-    for _ in range(N):
-        for j0 in range(0, HW, BLOCK_J):
-            j = j0 + rj
-            valid = (j < HW) & bad[None, :]
-            d = tl.load(ptrs + j * j_stride, mask=valid, other=0.0).to(tl.float64) - mean[None, :]
-            sq += tl.sum(tl.where(valid, d * d, 0.0), 0)
-        ptrs += plane
+    zero = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, zero, False, BLOCK_J) * inv_count
+    sq = _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, mean, True, BLOCK_J)
     return mean, sq * inv_count
 
 
