@@ -78,20 +78,24 @@ def check_like(t: Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.d
         raise DeviceError(f"{name} is on {t.device} but input is on {device}")
 
 
-def check_per_channel(t: Tensor | None, channels: int, device: torch.device, name: str) -> None:
+def check_per_channel(t: Tensor | None, channels: int, device: torch.device,
+                      name: str) -> torch.dtype | None:
     """A per-channel vector (weight, bias, running or batch statistics): None, or 1-D of
-    length C, floating, on the input's device."""
+    length C, floating, on the input's device. Returns its dtype (read once, here), for the
+    caller's mixed-dtype rule."""
     if t is None:
-        return
+        return None
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
     if t.shape != (channels,):  # one read: cheaper than dim() and numel()
         raise ShapeError(f"{name} must have shape ({channels},) for an input with {channels} channels, "
                          f"got {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise DtypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    dtype = t.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise DtypeError(f"{name} must be a floating tensor, got dtype {dtype}")
     if t.device != device:
         raise DeviceError(f"{name} is on {t.device} but input is on {device}")
+    return dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -152,21 +156,14 @@ def _refusal(device_type: str, input_dtype: torch.dtype, dtypes: tuple[torch.dty
         return answer
 
 
-def check_dtypes_as_nn(input: Tensor, weight: Tensor | None, bias: Tensor | None,
-                       running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+def check_dtypes_as_nn(input: Tensor, dtypes: tuple[torch.dtype | None, ...], training: bool,
                        eps: float, suffix: str = "") -> None:
-    """Refuse the dtype combinations F.batch_norm refuses on the input's device, with an error
-    of nn's class (DtypeError: a RuntimeError, or UnsupportedDtypeError: a
-    NotImplementedError). Same-dtype calls (the common case) ask nothing."""
-    dtype = input.dtype
-    if ((weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
-            and (running_mean is None or running_mean.dtype == dtype)
-            and (running_var is None or running_var.dtype == dtype)):
-        return
-    dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-              None if running_mean is None else running_mean.dtype,
-              None if running_var is None else running_var.dtype)
-    refusal = _refusal(input.device.type, dtype, dtypes, training, eps)
+    """For a call whose (weight, bias, running_mean, running_var) `dtypes` (None: absent) are
+    not all the input's: refuse it where F.batch_norm refuses it on the input's device, with
+    an error of nn's class (DtypeError: a RuntimeError; UnsupportedDtypeError: a
+    NotImplementedError). check_arguments calls it only for mixed dtypes, which it finds from
+    the dtypes check_per_channel read."""
+    refusal = _refusal(input.device.type, input.dtype, dtypes, training, eps)
     if refusal is None:
         return
     not_implemented, message = refusal

@@ -65,18 +65,19 @@ def check_arguments(
     check_input(input)
     # Read once: each tensor attribute read costs a fraction of a microsecond, and this runs
     # on every call (see checks.FLOAT_DTYPES).
-    shape, device = input.shape, input.device
+    shape, device, dtype = input.shape, input.device, input.dtype
     channels = shape[1]
     if residual is not None:
-        check_like(residual, shape, input.dtype, device, "residual")
+        check_like(residual, shape, dtype, device, "residual")
+    md = vd = wd = bd = None  # the per-channel dtypes, as check_per_channel read them
     if running_mean is not None:
-        check_per_channel(running_mean, channels, device, "running_mean" + suffix)
+        md = check_per_channel(running_mean, channels, device, "running_mean" + suffix)
     if running_var is not None:
-        check_per_channel(running_var, channels, device, "running_var" + suffix)
+        vd = check_per_channel(running_var, channels, device, "running_var" + suffix)
     if weight is not None:
-        check_per_channel(weight, channels, device, "weight" + suffix)
+        wd = check_per_channel(weight, channels, device, "weight" + suffix)
     if bias is not None:
-        check_per_channel(bias, channels, device, "bias" + suffix)
+        bd = check_per_channel(bias, channels, device, "bias" + suffix)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"running_mean{suffix} and running_var{suffix} must both be given or both be None")
     if not training and running_mean is None:
@@ -88,7 +89,9 @@ def check_arguments(
     if training and not synchronized and shape[0] * shape[2] * shape[3] == 1 and shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(shape)}")
-    check_dtypes_as_nn(input, weight, bias, running_mean, running_var, training, eps, suffix)
+    if ((md is not None and md is not dtype) or (vd is not None and vd is not dtype)
+            or (wd is not None and wd is not dtype) or (bd is not None and bd is not dtype)):
+        check_dtypes_as_nn(input, (wd, bd, md, vd), training, eps, suffix)  # mixed: nn's rule
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
