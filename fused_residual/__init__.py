@@ -5,7 +5,8 @@ Public API: `bn_add_relu`, `dual_bn_add_relu`, `BatchNormAddReLU2d`, `FusedResid
 `unconvert`,
 `available_backends`; synchronized across processes (torch.distributed):
 `SyncBatchNormAddReLU2d`, `sync_bn_add_relu`, `sync_dual_bn_add_relu`,
-`convert_sync_batchnorm`.
+`convert_sync_batchnorm`; deployment (README, "Deploying a converted model"): `export_unfused`,
+`unfused`.
 """
 
 from .backends import available_backends
@@ -16,6 +17,7 @@ from .distributed import (
     sync_bn_add_relu,
     sync_dual_bn_add_relu,
 )
+from .export import export_unfused, unfused
 from .functional import bn_add_relu, dual_bn_add_relu
 from .modules import BatchNormAddReLU2d, FusedResidualBlock
 
@@ -30,8 +32,10 @@ __all__ = [
     "convert_report",
     "convert_sync_batchnorm",
     "dual_bn_add_relu",
+    "export_unfused",
     "sync_bn_add_relu",
     "sync_dual_bn_add_relu",
     "unconvert",
+    "unfused",
 ]
 __version__ = "0.1.0"

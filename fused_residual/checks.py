@@ -1,17 +1,51 @@
 """Argument checks shared by the functional API and the Triton ops: a TypeError or
 ValueError that names the argument and the problem (the C++ ops have their twins, as
-TORCH_CHECKs, in csrc/op_checks.h)."""
+TORCH_CHECKs, in csrc/op_checks.h).
+
+Where nn.BatchNorm2d (+ add + ReLU) refuses the same input with another exception class
+(RuntimeError, NotImplementedError), the error is of a class deriving from both, so that
+`except ValueError` / `except TypeError` and `except RuntimeError` callers all catch it
+(docs/op_layer.md, "Differences from nn.BatchNorm2d"). The dtype combinations of input and
+per-channel tensors are accepted exactly where the installed torch's F.batch_norm accepts
+them on that device (`check_dtypes_as_nn`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .backends import assume_constant_result
 
 # A frozenset: a membership test hashes once instead of comparing four dtypes. These checks
 # run on every call of the functional ops, whose per-call host time is part of the issue-21
 # budget (the fused ops may cost at most 1.1x eager's per call on tiny tensors), so each one
 # reads a tensor attribute once and builds a message only when it raises.
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor's shape does not fit the input's (nn.BatchNorm2d: RuntimeError)."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """A tensor is not on the input's device (nn.BatchNorm2d: RuntimeError)."""
+
+
+class DtypeError(TypeError, RuntimeError):
+    """A dtype, or a combination of dtypes, that F.batch_norm refuses (RuntimeError)."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """An input dtype without kernels (nn.BatchNorm2d: NotImplementedError)."""
+
+
+class RunningStatsError(ValueError, RuntimeError):
+    """Evaluation mode without running statistics (F.batch_norm: RuntimeError)."""
 
 
 def check_input(input: Tensor) -> None:
@@ -22,7 +56,8 @@ def check_input(input: Tensor) -> None:
         raise ValueError(f"expected 4-D input (N, C, H, W), got {input.dim()}-D input of shape "
                          f"{tuple(input.shape)}")
     if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        raise UnsupportedDtypeError(f"input dtype must be float16, bfloat16, float32 or float64, got "
+                                    f"{input.dtype}")
 
 
 def check_like_input(t: Tensor, input: Tensor, name: str) -> None:
@@ -36,27 +71,108 @@ def check_like(t: Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.d
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.shape != shape:
-        raise ValueError(f"{name} shape {tuple(t.shape)} does not match input shape {tuple(shape)}")
+        raise ShapeError(f"{name} shape {tuple(t.shape)} does not match input shape {tuple(shape)}")
     if t.dtype != dtype:
         raise TypeError(f"{name} dtype {t.dtype} does not match input dtype {dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but input is on {device}")
+        raise DeviceError(f"{name} is on {t.device} but input is on {device}")
 
 
-def check_per_channel(t: Tensor | None, channels: int, device: torch.device, name: str) -> None:
+def check_per_channel(t: Tensor | None, channels: int, device: torch.device,
+                      name: str) -> torch.dtype | None:
     """A per-channel vector (weight, bias, running or batch statistics): None, or 1-D of
-    length C, floating, on the input's device."""
+    length C, floating, on the input's device. Returns its dtype (read once, here), for the
+    caller's mixed-dtype rule."""
     if t is None:
-        return
+        return None
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
     if t.shape != (channels,):  # one read: cheaper than dim() and numel()
-        raise ValueError(f"{name} must have shape ({channels},) for an input with {channels} channels, "
+        raise ShapeError(f"{name} must have shape ({channels},) for an input with {channels} channels, "
                          f"got {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    dtype = t.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise DtypeError(f"{name} must be a floating tensor, got dtype {dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but input is on {device}")
+        raise DeviceError(f"{name} is on {t.device} but input is on {device}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------
+# Mixed dtypes: nn.BatchNorm2d's rule, asked of the installed torch. F.batch_norm accepts
+# an input whose per-channel tensors (weight, bias, running_mean, running_var) all have its
+# dtype; other combinations depend on the device and its kernel (on CPU: float16/bfloat16
+# input with float32 per-channel tensors only; on CUDA what cuDNN or the native kernels take)
+# and on the torch release. So the first call with a new combination runs F.batch_norm on a
+# (2, 1, 1, 1) tensor of those dtypes, outside any tracing, and the answer is kept.
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _plain_eager() -> Iterator[None]:
+    """Run real tensors eagerly here even inside torch.export / torch.compile tracing (fake
+    and proxy dispatch modes), torch.jit.trace and autocast, none of which may see or change
+    the probe."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with _disable_current_modes(), torch._C._DisableAutocast():
+            yield
+    finally:
+        torch._C._set_tracing_state(tracing_state)
+
+
+def _ask_nn(device_type: str, input_dtype: torch.dtype, dtypes: tuple[torch.dtype | None, ...],
+            training: bool, eps: float) -> tuple[bool, str] | None:
+    """None when F.batch_norm takes an input of `input_dtype` with (weight, bias,
+    running_mean, running_var) of `dtypes` (None: absent) on `device_type`; else whether its
+    error was a NotImplementedError, and its message."""
+    with _plain_eager():
+        device = torch.device(device_type)
+        x = torch.arange(2.0, device=device).to(input_dtype).view(2, 1, 1, 1)
+        w, b, rm, rv = (None if d is None else torch.ones(1, dtype=d, device=device) for d in dtypes)
+        try:
+            F.batch_norm(x, rm, rv, w, b, training, 0.1, eps)
+        except Exception as exc:
+            return isinstance(exc, NotImplementedError), str(exc).split("\n")[0]
+    return None
+
+
+_NN_REFUSALS: dict[tuple, tuple[bool, str] | None] = {}  # _ask_nn's answers, by its arguments
+
+
+# A constant under torch.compile (evaluated once while tracing, like backends.resolve_backend):
+# no graph break.
+@assume_constant_result
+def _refusal(device_type: str, input_dtype: torch.dtype, dtypes: tuple[torch.dtype | None, ...],
+             training: bool, eps: float) -> tuple[bool, str] | None:
+    key = (device_type, input_dtype, dtypes, training, eps)
+    try:
+        return _NN_REFUSALS[key]
+    except KeyError:
+        answer = _NN_REFUSALS[key] = _ask_nn(*key)
+        return answer
+
+
+def check_dtypes_as_nn(input: Tensor, dtypes: tuple[torch.dtype | None, ...], training: bool,
+                       eps: float, suffix: str = "") -> None:
+    """For a call whose (weight, bias, running_mean, running_var) `dtypes` (None: absent) are
+    not all the input's: refuse it where F.batch_norm refuses it on the input's device, with
+    an error of nn's class (DtypeError: a RuntimeError; UnsupportedDtypeError: a
+    NotImplementedError). check_arguments calls it only for mixed dtypes, which it finds from
+    the dtypes check_per_channel read."""
+    refusal = _refusal(input.device.type, input.dtype, dtypes, training, eps)
+    if refusal is None:
+        return
+    not_implemented, message = refusal
+    names = ("weight", "bias", "running_mean", "running_var")
+    given = ", ".join(f"{n}{suffix} {d}" for n, d in zip(names, dtypes, strict=True) if d is not None)
+    cls = UnsupportedDtypeError if not_implemented else DtypeError
+    raise cls(f"nn.BatchNorm2d refuses input dtype {input.dtype} with {given} on {input.device.type} "
+              f"({message}); cast them to one dtype (or, for float16/bfloat16 input, keep the "
+              f"parameters and statistics float32 where the device allows it)")
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,15 @@ from .autograd import (
     fused_dual_forward,
 )
 from .backends import backend_ops, device_type_of, dual_apply_served, resolve_backend
-from .checks import check_input, check_like, check_like_input, check_per_channel
+from .checks import (
+    RunningStatsError,
+    check_dtypes_as_nn,
+    check_input,
+    check_like,
+    check_like_input,
+    check_per_channel,
+)
+from .decompositions import exporting_unfused
 from .reference import bn_add_relu_reference, dual_bn_add_relu_reference
 
 
@@ -56,30 +64,33 @@ def check_arguments(
     check_input(input)
     # Read once: each tensor attribute read costs a fraction of a microsecond, and this runs
     # on every call (see checks.FLOAT_DTYPES).
-    shape, device = input.shape, input.device
+    shape, device, dtype = input.shape, input.device, input.dtype
     channels = shape[1]
     if residual is not None:
-        check_like(residual, shape, input.dtype, device, "residual")
+        check_like(residual, shape, dtype, device, "residual")
+    md = vd = wd = bd = None  # the per-channel dtypes, as check_per_channel read them
     if running_mean is not None:
-        check_per_channel(running_mean, channels, device, "running_mean" + suffix)
+        md = check_per_channel(running_mean, channels, device, "running_mean" + suffix)
     if running_var is not None:
-        check_per_channel(running_var, channels, device, "running_var" + suffix)
+        vd = check_per_channel(running_var, channels, device, "running_var" + suffix)
     if weight is not None:
-        check_per_channel(weight, channels, device, "weight" + suffix)
+        wd = check_per_channel(weight, channels, device, "weight" + suffix)
     if bias is not None:
-        check_per_channel(bias, channels, device, "bias" + suffix)
+        bd = check_per_channel(bias, channels, device, "bias" + suffix)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"running_mean{suffix} and running_var{suffix} must both be given or both be None")
     if not training and running_mean is None:
-        raise ValueError(f"running_mean{suffix} and running_var{suffix} must be defined in evaluation "
-                         f"mode (training{suffix}=False)")
+        raise RunningStatsError(f"running_mean{suffix} and running_var{suffix} must be defined in "
+                                f"evaluation mode (training{suffix}=False)")
     if eps < 0 or (eps == 0 and (training or not _ZERO_EPS_IN_EVAL)):
         where = " in training" if training and _ZERO_EPS_IN_EVAL else ""
         raise ValueError(f"eps{suffix} must be positive{where}, got {eps}")
     if training and not synchronized and shape[0] * shape[2] * shape[3] == 1 and shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(shape)}")
-
+    if ((md is not None and md is not dtype) or (vd is not None and vd is not dtype)
+            or (wd is not None and wd is not dtype) or (bd is not None and bd is not dtype)):
+        check_dtypes_as_nn(input, (wd, bd, md, vd), training, eps, suffix)  # mixed: nn's rule
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
@@ -125,6 +136,10 @@ def bn_add_relu(
     with respect to input, residual, weight and bias, in training and eval mode. `backend` is
     "auto", "extension", "triton" or "reference"; see `available_backends`.
     """
+    if exporting_unfused():  # (decompositions.py) the unfused composition, checked by F.batch_norm
+        return bn_add_relu_reference(
+            input, residual, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     check_arguments(input, residual, running_mean, running_var, weight, bias, training, eps)
     name = resolve_backend(backend, device_type_of(input))
     if name == "reference":
@@ -184,6 +199,11 @@ def dual_bn_add_relu(
     training2 = training if training2 is None else training2
     momentum2 = momentum if momentum2 is None else momentum2
     eps2 = eps if eps2 is None else eps2
+    if exporting_unfused():  # (decompositions.py) the unfused composition, checked by F.batch_norm
+        return dual_bn_add_relu_reference(
+            input, running_mean, running_var, weight, bias, input2, running_mean2, running_var2,
+            weight2, bias2, training, momentum, eps, training2, momentum2, eps2,
+        )
     check_arguments(input, None, running_mean, running_var, weight, bias, training, eps)
     check_like_input(input2, input, "input2")
     check_arguments(input2, None, running_mean2, running_var2, weight2, bias2, training2, eps2,

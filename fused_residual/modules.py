@@ -114,6 +114,16 @@ class FusedNorm:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return self.run(self, input, residual, self.backend)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before it compiles anything.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {self!r}: fused_residual's fused modules run Python "
+            f"(an autograd.Function, the backend choice) that TorchScript does not support. "
+            f"Instead: torch.jit.trace(model.eval(), example) (records the unfused BatchNorm + add "
+            f"+ ReLU, loads without fused_residual), torch.export.export (keeps the fused ops), "
+            f"fused_residual.export_unfused (a torch.export program without them), or "
+            f"fused_residual.unconvert(model) and then torch.jit.script.")
+
 
 class BatchNormAddReLU2d(FusedNorm, nn.BatchNorm2d):
     """`relu(BatchNorm2d(input) + residual)` in one fused pass; `residual=None` gives BN + ReLU.

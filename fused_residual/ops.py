@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .decompositions import register_decompositions
 from .reference import acc_dtype, working_layout
 
 OP_NAMES = (
@@ -219,3 +220,4 @@ FAKE_KERNELS = {
 if EXTENSION_LOADED:
     for _name, _fake in FAKE_KERNELS.items():
         torch.library.register_fake(f"fused_residual::{_name}")(_fake)
+    register_decompositions()  # aten twins for exporters (decompositions.py)

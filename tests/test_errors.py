@@ -1,4 +1,5 @@
-"""Bad input: a clear Python exception naming the problem, never a crash or a wrong answer."""
+"""Bad input: a clear Python exception naming the problem, never a crash or a wrong answer; and
+for every input nn.BatchNorm2d (+ add + ReLU) refuses, an error of nn's class (issue 23)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from helpers import DEVICE, FUSED_BACKENDS
 
 import fused_residual
+from fused_residual.checks import DeviceError, DtypeError, ShapeError, UnsupportedDtypeError
 
 
 def pytest_generate_tests(metafunc):
@@ -220,3 +224,109 @@ def test_every_backend_takes_empty_elementwise_calls():
         assert out.shape == x.shape, backend
         gi, gr = ops.backward_apply(x, mask, x, m, v, w, None, None, 1e-5, count, True, True)
         assert gi.shape == x.shape and gr.shape == x.shape, backend
+
+
+# --------------------------------------------------------------------------------------
+# nn's exception classes: the same refused input raises an instance of nn's class in the
+# module and the functional forms (a class deriving from both where they differ).
+# --------------------------------------------------------------------------------------
+
+
+def _outcome(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # the exception is the subject of the test
+        return None, exc
+
+
+def _functional_args(**change):
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    args = dict(input=x, residual=torch.randn_like(x), running_mean=torch.zeros(3, device=DEVICE),
+                running_var=torch.ones(3, device=DEVICE), weight=torch.ones(3, device=DEVICE),
+                bias=torch.zeros(3, device=DEVICE), training=True, eps=1e-5)
+    args.update(change)
+    return args
+
+
+def _nn_functional(a):
+    out = F.batch_norm(a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"], a["training"],
+                       0.1, a["eps"])
+    return F.relu(out + a["residual"] if a["residual"] is not None else out)
+
+
+def _fused_functional(a):
+    return fused_residual.bn_add_relu(a["input"], a["residual"], a["running_mean"], a["running_var"],
+                                      a["weight"], a["bias"], a["training"], 0.1, a["eps"])
+
+
+OTHER = "cpu" if DEVICE != "cpu" else "meta"  # a second device for the mismatch cases
+FUNCTIONAL_REFUSALS = {
+    "int input": dict(input=torch.randint(0, 5, (2, 3, 4, 4))),
+    "bool input": dict(input=torch.ones(2, 3, 4, 4, dtype=torch.bool)),
+    "complex input": dict(input=torch.randn(2, 3, 4, 4, dtype=torch.complex64)),
+    "weight of 4 for 3 channels": dict(weight=torch.ones(4)),
+    "bias of 2": dict(bias=torch.zeros(2)),
+    "running_mean of 4": dict(running_mean=torch.zeros(4)),
+    "2-D running_var": dict(running_var=torch.ones(3, 1)),
+    "int64 weight": dict(weight=torch.ones(3, dtype=torch.int64)),
+    "float64 weight, float32 input": dict(weight=torch.ones(3, dtype=torch.float64)),
+    "float64 input, float32 parameters": dict(input=torch.randn(2, 3, 4, 4, dtype=torch.float64),
+                                              residual=torch.randn(2, 3, 4, 4, dtype=torch.float64)),
+    "bfloat16 input, float64 parameters": dict(
+        input=torch.randn(2, 3, 4, 4).bfloat16(), residual=torch.randn(2, 3, 4, 4).bfloat16(),
+        running_mean=torch.zeros(3, dtype=torch.float64), running_var=torch.ones(3, dtype=torch.float64),
+        weight=None, bias=None),
+    "running_var None": dict(running_var=None),
+    "running_mean None": dict(running_mean=None),
+    "eval without running statistics": dict(running_mean=None, running_var=None, training=False),
+    "negative eps": dict(eps=-1.0),
+    "eps 0 in training": dict(eps=0.0),
+    "one value per channel": dict(input=torch.randn(1, 3, 1, 1), residual=torch.randn(1, 3, 1, 1)),
+    "weight on another device": dict(weight=torch.ones(3, device=OTHER)),
+    "running_var on another device": dict(running_var=torch.ones(3, device=OTHER)),
+    "residual on another device": dict(residual=torch.ones(2, 3, 4, 4, device=OTHER)),
+    "residual of another shape": dict(residual=torch.randn(2, 3, 4, 5)),
+    "weight not a tensor": dict(weight=1.0),
+}
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_REFUSALS)
+def test_functional_errors_are_nn_classes(case):
+    keep = "another device" in case  # those tensors are on OTHER on purpose
+    change = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and not keep else v
+              for k, v in FUNCTIONAL_REFUSALS[case].items()}
+    a = _functional_args(**change)
+    _, nn_err = _outcome(lambda: _nn_functional(a))
+    assert nn_err is not None, f"nn takes {case}: not a refusal case"
+    _, err = _outcome(lambda: _fused_functional(a))
+    assert isinstance(err, type(nn_err)), f"{case}: {err!r} is not a {type(nn_err).__name__} like {nn_err!r}"
+
+
+MODULE_REFUSALS = {
+    "3-D input": torch.randn(2, 3, 4),
+    "5-D input": torch.randn(2, 3, 4, 4, 1),
+    "int input": torch.randint(0, 5, (2, 3, 4, 4)),
+    "float64 input": torch.randn(2, 3, 4, 4, dtype=torch.float64),
+    "4 channels for 3": torch.randn(2, 4, 4, 4),
+    "one value per channel": torch.randn(1, 3, 1, 1),
+    "not a tensor": [1.0, 2.0],
+}
+
+
+@pytest.mark.parametrize("case", MODULE_REFUSALS)
+def test_module_errors_are_nn_classes(case):
+    x = MODULE_REFUSALS[case]
+    x = x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+    _, nn_err = _outcome(lambda: nn.BatchNorm2d(3, device=DEVICE)(x))
+    assert nn_err is not None, f"nn takes {case}: not a refusal case"
+    _, err = _outcome(lambda: fused_residual.BatchNormAddReLU2d(3, device=DEVICE)(x))
+    assert isinstance(err, type(nn_err)), f"{case}: {err!r} is not a {type(nn_err).__name__} like {nn_err!r}"
+
+
+def test_error_classes_keep_the_earlier_ones():
+    """Callers that caught ValueError / TypeError still do: each class derives from both."""
+    assert issubclass(ShapeError, ValueError) and issubclass(ShapeError, RuntimeError)
+    assert issubclass(DeviceError, ValueError) and issubclass(DeviceError, RuntimeError)
+    assert issubclass(DtypeError, TypeError) and issubclass(DtypeError, RuntimeError)
+    assert issubclass(UnsupportedDtypeError, TypeError)
+    assert issubclass(UnsupportedDtypeError, NotImplementedError)

@@ -31,12 +31,14 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_readme_python_block_runs(index):
+def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     source = PYTHON_BLOCKS[index]
     if source.startswith(NEEDS_GPU) and not torch.cuda.is_available():
         pytest.skip("this README block needs a CUDA GPU")
-    if "torchvision" in source:
-        pytest.importorskip("torchvision")
+    for package in ("torchvision", "onnxruntime"):
+        if package in source:
+            pytest.importorskip(package)
+    monkeypatch.chdir(tmp_path)  # files a block writes (deployment: .onnx, .pt2) go there
     exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 

@@ -10,8 +10,11 @@
 // float precision.
 // Bytes: one read of x from memory (numel * sizeof(scalar_t)); the NCHW second pass re-reads
 // the block from L1/L2. Partials are 16 bytes per block and channel.
+// A channel whose merged mean is not finite (it holds a +-inf or NaN) is recomputed as
+// nn.BatchNorm2d computes it on CPU (exact_channel_moments): two more reads of that channel.
 #pragma once
 
+#include <cmath>
 #include <vector>
 
 #include "cpu/bn_kernel_utils.h"
@@ -164,6 +167,39 @@ void rows_moments(const scalar_t* p, int64_t rows, int64_t stride, int64_t len, 
   m2 = std::max(0.0, sq - sd * sd / n);
 }
 
+// The rare path of a channel whose merged mean is not finite: it holds a +-inf or NaN (or,
+// channels_last, x - shift overflowed). Shifted sums cannot tell +inf alone from +inf and
+// -inf (both reach inf - inf = NaN), so the channel is summed again as nn.BatchNorm2d does on
+// CPU: mean = sum(x) / count, var = sum((x - mean)^2) / count, in double. Then +inf values
+// among finite ones give mean +inf, -inf gives -inf, NaN or both infinities NaN, and var is
+// NaN; a channel of finite values gets its exact two-pass moments.
+template <typename scalar_t>
+void exact_channel_moments(const scalar_t* x, const Geometry& g, int64_t c, double& mean, double& var) {
+  // Element (row, j) of channel c: NCHW rows are the N planes (j < HW), channels_last rows
+  // are the N*H*W pixels (j = 0).
+  const int64_t rows = g.channels_last ? g.n * g.hw : g.n;
+  const int64_t cols = g.channels_last ? 1 : g.hw;
+  const auto value = [&](int64_t r, int64_t j) {
+    return static_cast<double>(g.channels_last ? x[r * g.c + c] : x[(r * g.c + c) * g.hw + j]);
+  };
+  double sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      sum += value(r, j);
+    }
+  }
+  const double count = static_cast<double>(g.n * g.hw);
+  mean = sum / count;
+  double sq = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const double d = value(r, j) - mean;
+      sq += d * d;
+    }
+  }
+  var = sq / count;
+}
+
 // Rows of at most this many values take the row-group blocks of stats_nchw_small_rows.
 constexpr int64_t kSmallRow = 4 * kInnerLen;
 
@@ -196,8 +232,12 @@ void stats_nchw_small_rows(const scalar_t* x, const Geometry& g,
       chan_merge(count, mean, m2, static_cast<double>(rows * g.hw), pmean[c * groups + k],
                  pm2[c * groups + k]);
     }
+    double var = m2 / count;
+    if (!std::isfinite(mean)) {
+      exact_channel_moments(x, g, c, mean, var);
+    }
     mean_out[c] = static_cast<acc_t>(mean);
-    var_out[c] = static_cast<acc_t>(m2 / count);
+    var_out[c] = static_cast<acc_t>(var);
   }
 }
 
@@ -233,8 +273,12 @@ void stats_nchw(const scalar_t* x, const Geometry& g, at::opmath_type<scalar_t>*
                      pm2[base + j]);
         }
       }
+      double var = m2 / count;
+      if (!std::isfinite(mean)) {
+        exact_channel_moments(x, g, c, mean, var);
+      }
       mean_out[c] = static_cast<acc_t>(mean);
-      var_out[c] = static_cast<acc_t>(m2 / count);
+      var_out[c] = static_cast<acc_t>(var);
     }
   });
 }
@@ -371,8 +415,12 @@ void stats_channels_last(const scalar_t* x, const Geometry& g,
       count = total;
     }
     for (int64_t c = 0; c < w; ++c) {
+      double var = m2[c] / count;
+      if (!std::isfinite(mean[c])) {
+        exact_channel_moments(x, g, cb + c, mean[c], var);
+      }
       mean_out[cb + c] = static_cast<acc_t>(mean[c]);
-      var_out[cb + c] = static_cast<acc_t>(m2[c] / count);
+      var_out[cb + c] = static_cast<acc_t>(var);
     }
   });
 }

@@ -12,6 +12,10 @@
 // within a few standard deviations of 0, so a channel with a mean offset of 1e4 and a spread of
 // 1 keeps the full fp32 precision of its variance (unshifted, the running mean's rounding,
 // ~1e-3 at 1e4, would leak into every delta).
+//
+// A channel whose merged mean is not finite (a +-inf or NaN among its values) is summed again
+// by its warp in pass 2 as nn.BatchNorm2d sums on CPU (exact_channel_moments), as the CPU and
+// Triton kernels do.
 #include "reduce.cuh"
 
 namespace fused_residual {
@@ -149,13 +153,58 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   }
 }
 
+// Sum over the warp by an xor butterfly: every lane ends with bitwise the same total (each
+// step adds a pair in either order, and IEEE addition commutes).
+__device__ __forceinline__ double warp_all_sum(double v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v = add_rn(v, __shfl_xor_sync(kFullMask, v, offset));
+  }
+  return v;
+}
+
+// The rare path of pass 2, for a channel whose merged mean is not finite: it holds a +-inf or
+// NaN (or x - K_c overflowed), and shifted Welford sums cannot tell +inf alone from +inf and
+// -inf (both reach inf - inf = NaN). The warp sums the channel again as nn.BatchNorm2d does
+// on CPU, in double: mean = sum(x) / count, var = sum((x - mean)^2) / count. +inf among
+// finite values gives mean +inf, -inf gives -inf, NaN or both infinities NaN, and var NaN.
+// Element (n, c, j) is x[(n*C + c)*HW + j] (NCHW: pilot_stride = HW) or x[(n*HW + j)*C + c]
+// (channels_last: pilot_stride = 1; the two agree when HW = 1). Lane l takes j = l, l + 32,
+// ... of each plane in order: deterministic. Bytes: two reads of the channel.
+template <typename T>
+__device__ void exact_channel_moments(const T* __restrict__ x, int64_t c, int64_t channels,
+                                      int64_t planes_n, int64_t hw, int64_t pilot_stride, int lane,
+                                      double& mean, double& var) {
+  using A = acc_of<T>;
+  const bool nchw = pilot_stride != 1;
+  const auto value = [&](int64_t n, int64_t j) {
+    const int64_t off = nchw ? (n * channels + c) * hw + j : (n * hw + j) * channels + c;
+    return static_cast<double>(static_cast<A>(x[off]));
+  };
+  const double count = static_cast<double>(planes_n * hw);
+  double sum = 0;
+  for (int64_t n = 0; n < planes_n; ++n) {
+    for (int64_t j = lane; j < hw; j += kWarp) sum = add_rn(sum, value(n, j));
+  }
+  mean = div_rn(warp_all_sum(sum), count);
+  double sq = 0;
+  for (int64_t n = 0; n < planes_n; ++n) {
+    for (int64_t j = lane; j < hw; j += kWarp) {
+      const double d = sub_rn(value(n, j), mean);
+      sq = add_rn(sq, mul_rn(d, d));
+    }
+  }
+  var = div_rn(warp_all_sum(sq), count);
+}
+
 // Pass 2: one warp per channel merges its S partials: lane l takes s = l, l+32, ... in order,
 // then the fixed shuffle tree. mean = K_c + merged mean, var = M2 / count (biased), with the
-// pilot K_c = x[c * pilot_stride]. Bytes: reads C*S partials and C pilots, writes 2C.
+// pilot K_c = x[c * pilot_stride]; a mean that is not finite takes exact_channel_moments.
+// Bytes: reads C*S partials and C pilots, writes 2C.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
-    stats_finalize_kernel(const T* __restrict__ x, int64_t pilot_stride,
-                          const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+    stats_finalize_kernel(const T* __restrict__ x, int64_t pilot_stride, int64_t planes_n,
+                          int64_t hw, const A* __restrict__ part_mean, const A* __restrict__ part_m2,
                           const int64_t* __restrict__ part_n, int64_t channels, int64_t splits,
                           A* __restrict__ mean_out, A* __restrict__ var_out) {
   const int lane = threadIdx.x % kWarp;
@@ -168,8 +217,19 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     welford_merge(w, p);
   }
   w = warp_reduce(w);
+  // Lane 0 holds the merge; the whole warp takes the rare path or none.
+  const A mean = add_rn(static_cast<A>(x[c * pilot_stride]), w.mean);
+  if (__shfl_sync(kFullMask, static_cast<int>(!isfinite(mean)), 0)) {
+    double exact_mean, exact_var;
+    exact_channel_moments(x, c, channels, planes_n, hw, pilot_stride, lane, exact_mean, exact_var);
+    if (lane == 0) {
+      mean_out[c] = static_cast<A>(exact_mean);
+      var_out[c] = static_cast<A>(exact_var);
+    }
+    return;
+  }
   if (lane == 0) {
-    mean_out[c] = add_rn(static_cast<A>(x[c * pilot_stride]), w.mean);
+    mean_out[c] = mean;
     var_out[c] = div_rn(w.m2, static_cast<A>(w.n));  // n = N*H*W > 0 (checked on the host)
   }
 }
@@ -245,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input_arg) {
     }
     const unsigned fin_blocks = static_cast<unsigned>(ceil_div(g.c, kBlock / kWarp));
     stats_finalize_kernel<T, A><<<fin_blocks, kBlock, 0, stream>>>(
-        x, g.inner(), part_mean, part_m2, part_n, g.c, p.splits, mean.mutable_data_ptr<A>(),
-        var.mutable_data_ptr<A>());
+        x, g.inner(), g.n, g.hw, part_mean, part_m2, part_n, g.c, p.splits,
+        mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};

@@ -39,7 +39,10 @@ else:
     TRITON_AVAILABLE = True
 
 if TRITON_AVAILABLE:
+    from ..decompositions import register_decompositions
     from . import apply, backward, composite, stats  # noqa: F401  (registers the ops)
+
+    register_decompositions()  # their aten twins, for exporters (decompositions.py)
 
 OP_NAMES = (
     "triton_bn_stats",

@@ -20,7 +20,10 @@ accumulated in fp32 (fp64 for fp64 input), deterministic and numerically stable:
    the result is bitwise reproducible): sum n_i m_i, then m and M2. Every channel has
    n = count = N*H*W values: m = sum n_i m_i / count, var = M2 / count, mean = K + m. In
    float64 the two divisions multiply by 1 / count rounded on the host (a float64 division
-   is a call that made ptxas spill; the product is within 1 ulp of the quotient).
+   is a call that made ptxas spill; the product is within 1 ulp of the quotient). A
+   channel whose mean comes out non-finite (it holds a +-inf or NaN) is summed again in
+   fp64 as nn.BatchNorm2d does on CPU (`_exact_moments`), so its mean is +-inf or NaN as
+   there; finite channels never take that branch.
 
 Never E[x^2] - E[x]^2. The tiling follows the Triton layer-norm tutorial (a 2-D block per
 loop step, accumulators kept per lane and reduced once at the end).
@@ -45,6 +48,7 @@ from torch import Tensor
 from ..checks import check_stats_args, check_update_running_stats_args
 from ..reference import acc_dtype
 from ._common import (
+    TUNING,
     launch_plan,
     merge_blocks,
     prepare_input,
@@ -165,15 +169,56 @@ def _per_count(v, count, inv_count, IS_F64: tl.constexpr):
         return div_rn(v, count)
 
 
+@triton.jit
+def _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, center, SQUARE: tl.constexpr,
+                  BLOCK_J: tl.constexpr):
+    """Per `bad` channel, in fp64: sum(x - center), or with SQUARE sum((x - center)^2), over
+    n < N, j < HW, the element (n, c, j) being at x_ptr + chan_c + n*plane + j*j_stride."""
+    rj = tl.arange(0, BLOCK_J)[:, None]
+    total = tl.zeros(center.shape, dtype=tl.float64)
+    ptrs = x_ptr + chan
+    for _ in range(N):
+        for j0 in range(0, HW, BLOCK_J):
+            j = j0 + rj
+            valid = (j < HW) & bad[None, :]
+            d = tl.load(ptrs + j * j_stride, mask=valid, other=0.0).to(tl.float64) - center[None, :]
+            if SQUARE:
+                d = d * d
+            total += tl.sum(tl.where(valid, d, 0.0), 0)
+        ptrs += plane
+    return total
+
+
+@triton.jit
+def _exact_moments(x_ptr, ch, bad, N, C, HW, shift_stride, j_stride, inv_count,
+                   BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The rare path of `_stats_merge_kernel`, for the `bad` channels, whose merged mean is
+    not finite: they hold a +-inf or NaN (or x - K overflowed), and shifted Welford sums
+    cannot tell +inf alone from +inf and -inf (both reach inf - inf = NaN). Summed again in
+    fp64 as nn.BatchNorm2d does on CPU: mean = sum(x) / count, var = sum((x - mean)^2) /
+    count. So +inf among finite values gives mean +inf, -inf gives -inf, NaN or both
+    infinities NaN, and var is NaN. Element (n, c, j) is at n*C*HW + c*shift_stride +
+    j*j_stride (NCHW: j_stride 1; NHWC: C). Two reads of those channels."""
+    chan = ch.to(tl.int64)[None, :] * shift_stride
+    plane = C * HW  # one sample's elements (N*C*HW may pass 2^31, C*HW does not)
+    zero = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, zero, False, BLOCK_J) * inv_count
+    sq = _channel_sums(x_ptr, chan, bad, N, HW, plane, j_stride, mean, True, BLOCK_J)
+    return mean, sq * inv_count
+
+
 @launch_plan("per_channel")
 @triton.jit
 def _stats_merge_kernel(
     x_ptr, cnt_ptr, part_mean_ptr, m2_ptr, mean_ptr, var_ptr, C, S, shift_stride, count, inv_count_hi,
-    inv_count_mid, inv_count_lo, IS_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    inv_count_mid, inv_count_lo, N, HW, j_stride,
+    IS_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Merge the S partials (n_i, m_i, M2_i) of BLOCK_C channels with the group formula,
     in two passes over chunks of BLOCK_S partials in the order s = 0, BLOCK_S, ...:
-    m = sum n_i m_i / count, then M2 = sum (M2_i + n_i (m_i - m)^2)."""
+    m = sum n_i m_i / count, then M2 = sum (M2_i + n_i (m_i - m)^2). Channels whose mean is
+    not finite take `_exact_moments` (N, HW, j_stride: the input's geometry), in tiles of
+    BLOCK_J values of BLOCK_C channels."""
     ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < C
@@ -190,8 +235,18 @@ def _stats_merge_kernel(
         d = load_acc(part_mean_ptr, offs, valid, IS_F64) - m[None, :]
         q += tl.sum(load_acc(m2_ptr, offs, valid, IS_F64) + load_acc(cnt_ptr, offs, valid, IS_F64) * d * d, 0)
     shift = load_acc(x_ptr, ch.to(tl.int64) * shift_stride, cmask, IS_F64)
-    tl.store(mean_ptr + ch, shift + m, mask=cmask)
-    tl.store(var_ptr + ch, _per_count(q, count, inv_count, IS_F64), mask=cmask)
+    mean = shift + m
+    var = _per_count(q, count, inv_count, IS_F64)
+    bad = cmask & ~(tl.abs(mean) < float("inf"))
+    if tl.sum(bad.to(tl.int32), 0) > 0:
+        exact_mean, exact_var = _exact_moments(
+            x_ptr, ch, bad, N, C, HW, shift_stride, j_stride,
+            join3_f64(inv_count_hi, inv_count_mid, inv_count_lo, True), BLOCK_J, BLOCK_C,
+        )
+        mean = tl.where(bad, exact_mean.to(ACC), mean)
+        var = tl.where(bad, exact_var.to(ACC), var)
+    tl.store(mean_ptr + ch, mean, mask=cmask)
+    tl.store(var_ptr + ch, var, mask=cmask)
 
 
 @launch_plan("per_channel")
@@ -233,6 +288,7 @@ def _launch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     # every kernel output is its own tensor.
     partials = tuple(torch.empty((cfg.splits, geo.c), dtype=geo.acc, device=x.device) for _ in range(3))
     block_s, block_c = merge_blocks(geo.c, cfg.splits)
+    block_j = max(1, TUNING.merge_tile // block_c)  # the rare path's tile: the merge tile's size
     with device_guard(x.device):
         if geo.nhwc:
             wrap_triton(_stats_partial_nhwc_kernel)[cfg.grid](
@@ -246,8 +302,8 @@ def _launch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
             )
         wrap_triton(_stats_merge_kernel)[(triton.cdiv(geo.c, block_c),)](
             x, *partials, mean, var, geo.c, cfg.splits, geo.shift_stride, geo.n * geo.hw,
-            *split_f64(1.0 / (geo.n * geo.hw), 3),
-            IS_F64=geo.is_f64, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+            *split_f64(1.0 / (geo.n * geo.hw), 3), geo.n, geo.hw, geo.c if geo.nhwc else 1,
+            IS_F64=geo.is_f64, BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_J=block_j, num_warps=4,
         )
     return mean, var
 
