@@ -162,7 +162,7 @@ class Site:
         input, and a residual (if any) of its shape and device, and of its dtype when the add is
         out of place (in place, `y += residual` casts to y's dtype, as the fused op does). Under
         torch.fx the shapes are unknown: see the module doc."""
-        if isinstance(x, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
+        if _symbolic(x, residual):
             return True
         if not isinstance(x, Tensor) or x.dim() != 4:
             return False
@@ -177,6 +177,14 @@ class Site:
 
     def __deepcopy__(self, memo: dict) -> Site:
         return self
+
+
+def _symbolic(x: Any, other: Any) -> bool:
+    """Whether the values are being traced without their shapes to compare: torch.fx proxies,
+    or torch.jit.trace (whose sizes are traced tensors; there the functional layer computes
+    nn's own composition, decompositions.exporting_unfused, which takes any shapes)."""
+    return (isinstance(x, torch.fx.Proxy) or isinstance(other, torch.fx.Proxy)
+            or torch._C._get_tracing_state() is not None)
 
 
 def _branch(path: tuple[str, ...], m: nn.Module, v: Any) -> tuple[nn.Module | None, Any]:
@@ -196,7 +204,7 @@ def _dual_ok(norm: nn.Module, x: Any, norm2: nn.Module, x2: Any) -> bool:
     if kind is None or kind2 is None or type(norm2) is not kind2.plain or _hooked(norm) or _hooked(norm2) \
             or not _norms.dual_compatible(norm, norm2):
         return False
-    if isinstance(x, torch.fx.Proxy) or isinstance(x2, torch.fx.Proxy):
+    if _symbolic(x, x2):
         return True
     return (isinstance(x, Tensor) and isinstance(x2, Tensor) and x.dim() == 4 and x2.shape == x.shape
             and x2.dtype == x.dtype and x2.device == x.device)

@@ -13,7 +13,6 @@ choice is made from the tensor's device.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from . import ops as _ops
 from . import reference as _reference
+from ._dynamo import assume_constant_result
 
 BACKEND_NAMES = ("extension", "triton", "reference")
 _CHOICES = (*BACKEND_NAMES, "auto")
@@ -60,17 +60,6 @@ REFERENCE_OPS = BackendOps(
 
 
 _OP_PREFIX = {"extension": "", "triton": "triton_"}
-
-
-def assume_constant_result(fn: Callable) -> Callable:
-    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo (about a
-    second) at `import fused_residual`: that decorator only marks `fn` with the attribute
-    below, which Dynamo reads when it traces a call (tests/test_compile.py checks the two
-    agree). Once torch._dynamo is imported, torch's own decorator is used."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
-    return fn
 
 
 # Per-call host time matters (issue 21: on a GPU, small-batch steps are launch-bound), so what

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import assume_constant_result
+from ._dynamo import assume_constant_result
 
 # A frozenset: a membership test hashes once instead of comparing four dtypes. These checks
 # run on every call of the functional ops, whose per-call host time is part of the issue-21

@@ -57,24 +57,25 @@ MUTATIONS = [
         "residual_dropped",
         "the single-BatchNorm op ignores its residual",
         "fused_residual/autograd.py",
-        "out, mask = ops.apply(input, residual, mean, var, weight, bias, eps, save_mask)",
-        "out, mask = ops.apply(input, None, mean, var, weight, bias, eps, save_mask)",
+        # every path of FusedBatchNormAddReLU.forward (eval apply, the composite training
+        # forward, the primitives under torch.compile)
+        "        ops = backend_ops(ops_name)\n        composite = use_composites()\n",
+        "        ops = backend_ops(ops_name)\n        composite = use_composites()\n        residual = None\n",
     ),
     Mutation(
         "mask_ignored",
         "the backward ignores the ReLU mask (every bit set)",
         "fused_residual/autograd.py",
-        "    need_input, need_residual, need_weight, need_bias = needs\n",
-        "    need_input, need_residual, need_weight, need_bias = needs\n"
-        "    mask = torch.full_like(mask, 255)\n",
+        "    if composite:\n        grads = ops.backward(",
+        "    mask = torch.full_like(mask, 255)\n    if composite:\n        grads = ops.backward(",
     ),
     Mutation(
         "eval_batch_stats",
         "evaluation mode normalizes with the batch statistics instead of the running ones",
         "fused_residual/autograd.py",
-        "    assert running_mean is not None and running_var is not None\n"
-        "    return running_mean, running_var\n",
-        "    return ops.stats(input)\n",
+        # the single-BatchNorm forward's eval path (the dual forward's is batch_statistics)
+        "out, mask = ops.apply(input, residual, running_mean, running_var, weight, bias, eps, True)",
+        "out, mask = ops.apply(input, residual, *ops.stats(input), weight, bias, eps, True)",
     ),
 ]
 

@@ -156,7 +156,10 @@ class FusedOpAudit(TorchDispatchMode):
     own arguments (module doc): each result within primitive_bounds of the reference primitive
     in float64 (tests/bounds.py), an apply op's mask the signs of its own output. `calls`
     counts the calls checked per op ("apply", "stats", ...); `updated` holds the storage
-    pointers of the running statistics updated. Raises at the first result out of bounds."""
+    pointers of the running statistics updated. Raises at the first result out of bounds.
+    A composite op (bn_train_forward, bn_backward: docs/op_layer.md) runs as called, and its
+    backend's primitives run on copies of its arguments, each checked as above; the composite's
+    results must be theirs bit for bit."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -171,10 +174,37 @@ class FusedOpAudit(TorchDispatchMode):
         assert not kwargs, f"{func}: keyword arguments {kwargs} (the op layer calls positionally)"
         name = func._opname.removeprefix("triton_").removeprefix("bn_")
         self.backends[name] = "triton" if func._opname.startswith("triton_") else "extension"
+        if name in ("train_forward", "backward"):
+            return self._composite(func, name, args)
         before = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
         out = func(*args)
         with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
             self._check(name, before, args, out)
+        return out
+
+    def _composite(self, func, name: str, args: tuple):
+        prefix = "triton_bn_" if func._opname.startswith("triton_") else "bn_"
+
+        def primitive(op_name: str) -> Callable:
+            op = getattr(torch.ops.fused_residual, prefix + op_name).default
+            return lambda *a: self.__torch_dispatch__(op, (), a)
+
+        copies = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        updated = set(self.updated)
+        if name == "train_forward":
+            want = R.train_forward_steps(primitive("stats"), primitive("update_running_stats"),
+                                         primitive("apply"), *copies)
+            want = (*want, *copies[2:4])  # then the running statistics, updated in place
+        else:
+            want = R.backward_steps(primitive("backward_reduce"), primitive("backward_apply"), *copies)
+        out = func(*args)
+        got = (*out, *args[2:4]) if name == "train_forward" else tuple(out)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert (g is None and w is None) or torch.equal(g, w), \
+                f"{name} call: result {i} differs from its primitives'"
+        if name == "train_forward":  # the model's buffers, not the copies, were updated
+            self.updated = updated | {t.untyped_storage().data_ptr() for t in args[2:4] if t is not None}
+        self.calls[name] = self.calls.get(name, 0) + 1
         return out
 
     def _check(self, name: str, args: tuple, after: tuple, out) -> None:
