@@ -123,12 +123,15 @@ class PreActResNet(nn.Module):
 
 
 class FusedOpCounter(TorchDispatchMode):
+    """Counts the fused patterns run: each runs one apply op (eval), one bn_train_forward (an
+    eager training forward: docs/op_layer.md, the composite ops) or one bn_dual_apply."""
+
     def __init__(self) -> None:
         super().__init__()
         self.applies = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fused_residual" and func._opname.endswith(("bn_apply", "bn_dual_apply")):
+        if func.namespace == "fused_residual" and func._opname.endswith(("bn_apply", "bn_dual_apply", "bn_train_forward")):
             self.applies += 1
         return func(*args, **(kwargs or {}))
 
