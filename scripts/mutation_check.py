@@ -60,7 +60,8 @@ MUTATIONS = [
         # every path of FusedBatchNormAddReLU.forward (eval apply, the composite training
         # forward, the primitives under torch.compile)
         "        ops = backend_ops(ops_name)\n        composite = use_composites()\n",
-        "        ops = backend_ops(ops_name)\n        composite = use_composites()\n        residual = None\n",
+        "        ops = backend_ops(ops_name)\n        composite = use_composites()\n"
+        "        residual = None\n",
     ),
     Mutation(
         "mask_ignored",

@@ -41,7 +41,8 @@ def test_import_does_not_import_dynamo():
 
 
 def test_assume_constant_result_marks_like_torch():
-    """The lazy marker (_dynamo.assume_constant_result, as backends imports it) sets what torch's decorator sets."""
+    """The lazy marker (_dynamo.assume_constant_result, as backends imports it) sets what
+    torch's decorator sets."""
     import torch._dynamo  # torch's decorator needs it; popped below for ours
 
     def ours():
