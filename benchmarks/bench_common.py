@@ -9,8 +9,10 @@ GB/s from `fused_residual.bench_utils.ideal_bytes`, percent of the copy bandwidt
 the same session, and speedups over eager and torch.compile for the same case (ratios of
 medians, filled in once every provider has run). A Markdown summary table prints last.
 
-Time budget. On a GPU the whole `pytest benchmarks/ --benchmark-only` must fit stage 2 of
-scripts/gpu_check.sh: SESSION_BUDGET_S = 240 s. Each case's rounds come from a per-case
+Time budget. On a GPU the benchmarks are the last step of scripts/gpu_check.sh
+(scripts/gpu_plan.py), which gets whatever its one deadline leaves, and each case is written as
+it finishes (bench_cases.jsonl); SESSION_BUDGET_S = 240 s is what a whole session is sized
+for, printed against its wall time at the end. Each case's rounds come from a per-case
 budget of timed time: rounds = CASE_BUDGET_S / (seconds per round, from the warm-up), kept
 within [MIN_ROUNDS, MAX_ROUNDS]. The GPU session has 80 tail cases, 12 block cases and 4
 ResNet-50 steps. Timed: tail and block rounds take well under a millisecond to a few ms, so
