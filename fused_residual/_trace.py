@@ -28,8 +28,22 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._symbolic_trace as _fx_symbolic_trace
 import torch.nn as nn
-from torch.fx._symbolic_trace import Tracer, _get_is_fx_tracing, _set_is_fx_tracing
+from torch.fx._symbolic_trace import Tracer
+
+# torch.fx's "is tracing" flag, which torch.fx's own tracer sets while it traces (modules such
+# as torchvision's read it): a thread-local with accessors in torch 2.14, a module global in
+# torch 2.11.
+if hasattr(_fx_symbolic_trace, "_get_is_fx_tracing"):
+    _get_is_fx_tracing = _fx_symbolic_trace._get_is_fx_tracing
+    _set_is_fx_tracing = _fx_symbolic_trace._set_is_fx_tracing
+else:  # pragma: no cover - torch 2.11
+    def _get_is_fx_tracing() -> bool:
+        return _fx_symbolic_trace._is_fx_tracing_flag
+
+    def _set_is_fx_tracing(value: bool) -> None:
+        _fx_symbolic_trace._is_fx_tracing_flag = value
 
 INPLACE_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
                      "lshift", "rshift")
