@@ -103,3 +103,17 @@ def test_report_issue21_checks(tmp_path):
     assert "beyond the run-to-run spread: block 1x64 eval_fwd" in sweep
     (overhead,) = report.overhead_lines(rows)
     assert "1.05x (within the 1.1x limit)" in overhead
+
+
+def test_report_lists_a_case_without_providers_under_its_function(tmp_path):
+    """benchmarks/test_convert_bench.py times convert() itself: no provider parameter."""
+    report = load_report()
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "machine_info": {"fused_residual": {"device": "cpu"}}, "datetime": "d",
+        "benchmarks": [{"group": "convert() of resnet152", "params": {"arch": "resnet152"},
+                        "extra_info": {}, "stats": {"data": [0.2, 0.1, 0.3], "median": 0.2}}]}))
+    _, cases = report.load(path)
+    assert list(cases["convert() of resnet152"]) == ["convert"]
+    rows = report.pooled_rows([report.load(path)])
+    assert [(r.provider, r.spread.median) for r in rows] == [("convert", pytest.approx(200.0))]
