@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from bounds import Norm, bn_add_relu_bounds, dual_bounds
 from helpers import DEVICE
 
 import fused_residual
@@ -49,12 +51,14 @@ def run_python(code: str, cwd: Path, *, without_fused_residual: bool) -> str:
 
 
 def converted(arch: str, backend: str = "auto", seed: int = 0):
-    """(converted model, original, float64 original) of a torchvision arch, norms randomized."""
+    """(converted model, original, float64 original) of a torchvision arch, norms randomized;
+    ImageNet's 1000 classes, so that a batch's logits are enough values for the whole-model
+    rule (tests/helpers.py `assert_model_output_within_rule`)."""
     import torchvision
     from model_checks import randomize_norms
 
     torch.manual_seed(seed)
-    original = randomize_norms(getattr(torchvision.models, arch)(num_classes=10)).to(DEVICE)
+    original = randomize_norms(getattr(torchvision.models, arch)(num_classes=1000)).to(DEVICE)
     fused = fused_residual.convert(copy.deepcopy(original), backend=backend)
     return fused, original, copy.deepcopy(original).double()
 
@@ -92,3 +96,22 @@ class DirectOps(nn.Module):
         """The same computation in nn modules (eval)."""
         y = torch.relu(self.bn1(x) + r)
         return torch.relu(self.bn2(y) + self.bn3(x))
+
+    def output_bound(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The derived bound (tests/bounds.py) of the forward's output in x's dtype: the dual
+        tail's own, plus the first tail's error carried through bn2 (in eval a per-channel
+        scaling by |w2| / sqrt(var2 + eps); the ReLUs are 1-Lipschitz)."""
+        def norm(bn: nn.BatchNorm2d, t: torch.Tensor) -> Norm:
+            w, b, rm, rv = (t.detach().double() for t in (bn.weight, bn.bias, bn.running_mean,
+                                                           bn.running_var))
+            return Norm(t.double(), w, b, rm, rv, False, 0.1, bn.eps)
+
+        first = norm(self.bn1, x)
+        y_err = bn_add_relu_bounds(x, r, first.weight, first.bias, first.running_mean, first.running_var,
+                                   False, 0.1, self.bn1.eps)["output"]
+        y = torch.relu(F.batch_norm(first.x, first.running_mean, first.running_var, first.weight, first.bias,
+                                    False, 0.0, first.eps) + r.double())
+        second = norm(self.bn2, y)
+        gain = second.weight.abs() * (second.running_var + self.bn2.eps).rsqrt()
+        carried = gain.view(1, -1, 1, 1) * y_err
+        return dual_bounds(second, norm(self.bn3, x), x.dtype)["output"] + carried

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import EXAMPLE_CLASSES
 
 import fused_residual
 
@@ -23,16 +24,17 @@ def load_example():
 
 def test_runs_briefly_and_judges_both_models_against_float64(capsys):
     """Three steps at tiny sizes: the example's own checks pass (the logits under the
-    contract's rule over many values, the loss under the bound that follows from it through
-    the loss), and every fused op the converted model runs meets its derived bound on its
-    own arguments (tests/model_checks.py), whatever the CPU's rounding luck in the scalars."""
+    contract's rule over many values, 2048 at EXAMPLE_CLASSES classes, the loss under the bound
+    that follows from it through the loss), and every fused op the converted model runs meets
+    its derived bound on its own arguments (tests/model_checks.py), whatever the CPU's rounding
+    luck in the scalars."""
     pytest.importorskip("torchvision")
     from model_checks import FusedOpAudit
 
     example = load_example()
     with FusedOpAudit() as audit:
         code = example.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--image-size", "16",
-                             "--window", "50", "--device", "cpu"])
+                             "--window", "50", "--device", "cpu", "--classes", str(EXAMPLE_CLASSES)])
     out = capsys.readouterr().out
     assert code == 0, out
     if "extension" in fused_residual.available_backends("cpu"):  # what backend "auto" runs

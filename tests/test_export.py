@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from bounds import primitive_bounds
 from deploy_checks import DirectOps, converted, fused_targets, run_python
-from helpers import DEVICE, FUSED_BACKENDS, assert_within_rule
+from helpers import DEVICE, FUSED_BACKENDS, assert_model_output_within_rule, assert_within_bound
 
 import fused_residual
 from fused_residual.decompositions import decompositions
@@ -64,7 +67,8 @@ print("loaded after the import")
 def test_unfused_program_loads_without_the_library(tmp_path, training):
     """export_unfused: no fused op in the graph; the saved program loads and runs in a process
     where fused_residual cannot be imported, giving its in-process output (and, in training,
-    its running statistics); that output is the converted model's under the tolerance rule."""
+    its running statistics); that output is the converted model's under the whole-model rule
+    (tests/helpers.py)."""
     model, original, truth = converted("resnet18")
     for m in (model, original, truth):
         m.train(training)
@@ -76,7 +80,7 @@ def test_unfused_program_loads_without_the_library(tmp_path, training):
     with torch.no_grad():
         got = module(x)
         want, exact = original(x), truth(x.double())
-    assert_within_rule("unfused program", got, want, exact, torch.float32)
+    assert_model_output_within_rule("unfused program", got, want, exact)
     state = {k.replace(".", "/"): v for k, v in module.state_dict().items() if "running" in k}
     io = _save_io(tmp_path, x=x, got=got, **state)
     run_python(f"""
@@ -103,7 +107,10 @@ def test_unfused_program_of_direct_op_calls(tmp_path):
     assert not fused_targets(program.graph)
     torch.export.save(program, tmp_path / "direct.pt2")
     got = program.module()(x, r)
-    torch.testing.assert_close(got, model.unfused(x, r))
+    with torch.no_grad():
+        want, bound = model.unfused(x, r), model.output_bound(x, r)
+        exact = copy.deepcopy(model).double().unfused(x.double(), r.double())
+    assert_within_bound("unfused program", got, exact, bound, want, True)
     io = _save_io(tmp_path, x=x, r=r, got=got)
     run_python(f"""
 import torch
@@ -134,8 +141,9 @@ def _op_inputs(dtype, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_decompositions_compute_the_ops(backend, dtype, layout):
-    """Each op's decomposition against the op: outputs under the tolerance rule (float64
-    truth), the same output layout, and a mask that is its own output's > 0."""
+    """Each op's decomposition beside the op: both within the op's derived bound of the
+    float64 truth (tests/bounds.py), the same output layout, and a mask that is its own
+    output's > 0."""
     from fused_residual.backends import backend_ops
     from fused_residual.reference import pack_mask, working_layout
 
@@ -152,12 +160,15 @@ def test_decompositions_compute_the_ops(backend, dtype, layout):
         got, want = table[op](*args), op(*args)
         exact = table[op](*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                             for a in args))
-        for i, (g_, w_, e_) in enumerate(zip(got, want, exact, strict=True)):
+        bounds = primitive_bounds(name, args)
+        for i, (g_, w_, e_, bound) in enumerate(zip(got, want, exact, bounds, strict=True)):
             if g_.dtype == torch.uint8:  # the mask: own output > 0, in the working layout
                 assert torch.equal(g_, pack_mask(got[0] > 0, working_layout(x))), name
                 continue
             assert g_.dtype == w_.dtype and g_.stride() == w_.stride(), (name, i)
-            assert_within_rule(f"{name} output {i}", g_, w_, e_, dtype if g_.dtype == dtype else g_.dtype)
+            # Both the decomposition and the op are implementations of the op: both in the bound.
+            assert_within_bound(f"{name} output {i}: decomposition", g_, e_, bound)
+            assert_within_bound(f"{name} output {i}: {backend} op", w_, e_, bound)
 
 
 def test_dynamic_shapes_compile_still_runs_the_fused_ops():
@@ -215,7 +226,7 @@ def test_jit_trace_saves_and_loads_without_the_library(tmp_path):
     assert not [k for k in kinds if k.startswith("fused_residual::") or k == "prim::PythonOp"], kinds
     with torch.no_grad():
         got, want, exact = traced(x), original(x), truth(x.double())
-    assert_within_rule("traced", got, want, exact, torch.float32)
+    assert_model_output_within_rule("traced", got, want, exact)
     torch.jit.save(traced, tmp_path / "traced.pt")
     io = _save_io(tmp_path, x=x, got=got)
     run_python(f"""

@@ -4,7 +4,7 @@
 This module: every fused backend x dtype (float32, bfloat16, float16) x layout (NCHW,
 channels_last) x mode (train and eval: bn_add_relu forward+backward; dual: dual_bn_add_relu
 training forward+backward) on a small odd shape and a ResNet-50 shape, against eager PyTorch
-and a float64 truth under the tolerance rule (tests/helpers.py), which runs all six ops of each
+and a float64 truth under the derived bound (tests/bounds.py), which runs all six ops of each
 backend; and the rest of the numerics contract of docs/op_layer.md: the mask bit set exactly
 where the output is > 0, and results bitwise equal run to run. Marked `smoke` elsewhere:
 NaN/Inf propagation (test_functional.py), CUDA-graph capture (test_ops.py), and one

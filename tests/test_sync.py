@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from helpers import make_case
+from helpers import EXAMPLE_CLASSES, make_case
 from sync_cases import run, single_fn
 from sync_worker import checks_for
 
@@ -111,7 +111,8 @@ def test_example_sync_under_torchrun():
     """examples/train_resnet.py --sync under torchrun, 2 CPU processes over gloo, a few steps at
     tiny sizes: it runs, rank 0 alone prints, and the example's own checks pass (exit 0): the
     first step of both synchronized models against the original model on the whole batch in
-    float64 (the logits under the contract's rule over many values, the loss under the bound
+    float64 (the logits under the contract's rule over many values, 1024 per rank at
+    EXAMPLE_CLASSES classes, the loss under the bound
     that follows from it), and the loss curves; and on every rank every fused op the
     synchronized converted model runs meets its derived bound (tests/audited_example.py)."""
     pytest.importorskip("torchvision")
@@ -121,7 +122,7 @@ def test_example_sync_under_torchrun():
                     "found); alone it passes there in 18 s, and it runs in the newest-torch leg")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            AUDITED_EXAMPLE, "--sync", "--steps", "3", "--warmup", "1", "--batch-size", "4",
-           "--image-size", "16"]
+           "--image-size", "16", "--classes", str(EXAMPLE_CLASSES)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
