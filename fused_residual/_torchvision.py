@@ -14,12 +14,13 @@ from __future__ import annotations
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .backends import check_backend_name
-from .modules import FusedNorm, NormState
+from .modules import FusedNorm, NormState, module_tensors
 
 
 def frozen_batch_norm_state(bn: FrozenBatchNorm2d) -> NormState:
     """FrozenBatchNorm2d is always an eval-mode BatchNorm of its buffers."""
-    return NormState(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, False, True, 0.0, bn.eps)
+    weight, bias, mean, var = module_tensors(bn, "weight", "bias", "running_mean", "running_var")
+    return NormState(weight, bias, mean, var, None, False, True, 0.0, bn.eps)
 
 
 class FrozenBatchNormAddReLU2d(FusedNorm, FrozenBatchNorm2d):

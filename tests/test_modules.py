@@ -113,6 +113,40 @@ def test_residual_is_cast_to_input_dtype(backend):
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 
 
+class _Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_module_reads_its_tensors_where_nn_module_does(backend):
+    """The module reads weight, bias and the running statistics from nn.Module's parameter and
+    buffer dicts (modules.module_tensors, for the host overhead), falling back to getattr: a
+    parametrized weight, a reassigned buffer and torch.func.functional_call's substitutes are
+    what it computes with, bit for bit as a module holding those values."""
+    from torch.nn.utils import parametrize
+
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 4, 3, 3, generator=g).to(DEVICE) for _ in range(2))
+    weight, mean = torch.rand(4, generator=g).to(DEVICE) + 0.5, torch.randn(4, generator=g).to(DEVICE)
+
+    def module():
+        return fused_residual.BatchNormAddReLU2d(4, backend=backend).to(DEVICE).eval()
+
+    holding = module()
+    with torch.no_grad():
+        holding.weight.copy_(weight)
+        holding.running_mean.copy_(mean)
+    want = holding(x, r)
+    parametrized = module()
+    parametrize.register_parametrization(parametrized, "weight", _Doubled())
+    with torch.no_grad():
+        parametrized.parametrizations.weight.original.copy_(weight / 2)  # exact: a power of 2
+    parametrized.running_mean = mean.clone()
+    assert torch.equal(parametrized(x, r), want)
+    substituted = torch.func.functional_call(module(), {"weight": weight, "running_mean": mean}, (x, r))
+    assert torch.equal(substituted, want)
+
+
 def _blocks(backend, in_channels, out_channels, stride):
     torch.manual_seed(0)
     seed = ResidualBlock(in_channels, out_channels)
