@@ -238,9 +238,9 @@ def check_reference(device: str, backends: list[str], quick: bool) -> bool:
                     frac, what = _fraction(f, t, bound), f"{kind} {case} {name}"
                     eager_frac = _fraction(e, t, bound)
                     print(f"{backend:10} {what:45} {frac:6.3f} of its bound (eager {eager_frac:.3f})")
-                    for who, f in ((backend, frac), ("eager PyTorch", eager_frac)):
-                        if f >= worst.get(who, (-1.0, ""))[0]:
-                            worst[who] = (f, what)
+                    for who, fraction in ((backend, frac), ("eager PyTorch", eager_frac)):
+                        if fraction >= worst.get(who, (-1.0, ""))[0]:
+                            worst[who] = (fraction, what)
     _sync(device)
     # eager PyTorch in fp32 computes as tests/bounds.py assumes: past its bound means a wrong
     # derivation, which fails the check as a wrong kernel does.

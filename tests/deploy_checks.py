@@ -102,7 +102,7 @@ class DirectOps(nn.Module):
         tail's own, plus the first tail's error carried through bn2 (in eval a per-channel
         scaling by |w2| / sqrt(var2 + eps); the ReLUs are 1-Lipschitz)."""
         def norm(bn: nn.BatchNorm2d, t: torch.Tensor) -> Norm:
-            w, b, rm, rv = (t.detach().double() for t in (bn.weight, bn.bias, bn.running_mean,
+            w, b, rm, rv = (p.detach().double() for p in (bn.weight, bn.bias, bn.running_mean,
                                                            bn.running_var))
             return Norm(t.double(), w, b, rm, rv, False, 0.1, bn.eps)
 
